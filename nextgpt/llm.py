@@ -1,0 +1,216 @@
+"""The language model: any Hugging Face causal LM plus NExT-GPT's signal tokens.
+
+Nothing here is LLaMA-specific: the model is loaded through the Auto classes and used only through
+`get_input_embeddings`, `forward(inputs_embeds=...)` and its KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
+
+from nextgpt.config import LLMConfig, LoraSettings, SignalTokenConfig
+from nextgpt.signal_tokens import SignalTokens
+from nextgpt.tokenizer import train_bpe_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class LanguageModel(nn.Module):
+    """A causal LM and its tokenizer, with signal tokens and media placeholders added."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer, signal: SignalTokens):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.signal = signal
+        params = inspect.signature(self.base_model.forward).parameters
+        # transformers 5 names the KV cache `cache`; older releases and some models `past_key_values`
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls,
+        config: LLMConfig,
+        signal_config: SignalTokenConfig,
+        seed: int = 0,
+        path: str | None = None,
+    ) -> LanguageModel:
+        """Load `path or config.pretrained` (dir or hub id), or build a random tiny LLaMA."""
+        source = path or config.pretrained
+        dtype = torch_dtype(config.dtype)
+        if source is None:
+            tokenizer = train_bpe_tokenizer(vocab_size=config.vocab_size)
+            torch.manual_seed(seed)
+            llama = LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+                num_hidden_layers=config.num_layers,
+                num_attention_heads=config.num_heads,
+                num_key_value_heads=config.num_heads,
+                max_position_embeddings=config.max_position,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                tie_word_embeddings=False,
+            )
+            model = LlamaForCausalLM(llama).to(dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            kwargs: dict = {"dtype": dtype}
+            if config.quantization is not None:
+                kwargs["quantization_config"] = quantization_config(config.quantization)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        add_signal_tokens(model, tokenizer, signal_config)
+        model.eval()
+        llm = cls(model, tokenizer, SignalTokens.bind(signal_config, tokenizer))
+        if config.lora is not None:
+            llm.apply_lora(config.lora)
+        return llm
+
+    def apply_lora(self, settings: LoraSettings) -> None:
+        """Wrap the LLM in peft LoRA adapters (lm_head and embeddings are never LoRA targets)."""
+        from peft import LoraConfig, get_peft_model
+
+        target = settings.target_modules
+        lora = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=target if isinstance(target, str) else list(target),
+            task_type="CAUSAL_LM",
+        )
+        self.model = get_peft_model(self.model, lora)
+
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The transformers model under any peft wrapper."""
+        model = self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def save(self, directory: str | Path) -> None:
+        """Save model and tokenizer (signal tokens included); LoRA, if any, is merged into a copy."""
+        directory = Path(directory)
+        if self.has_lora:
+            import copy
+
+            merged = copy.deepcopy(self.model).merge_and_unload()
+            merged.save_pretrained(directory)
+        else:
+            self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    # ---- use -----------------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.base_model.config.hidden_size
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.base_model.get_input_embeddings()(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        output_hidden_states: bool = False,
+    ):
+        """One forward pass; returns (logits, last hidden states or None, cache)."""
+        kwargs = {self._cache_arg: cache} if cache is not None else {}
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            use_cache=cache is not None,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden = out.hidden_states[-1] if output_hidden_states else None
+        new_cache = getattr(out, self._cache_arg, None) if cache is not None else None
+        return out.logits, hidden, new_cache
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.base_model.config)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokenize user or model text; special-token strings in it stay plain text."""
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)[
+            "input_ids"
+        ]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def add_signal_tokens(model: PreTrainedModel, tokenizer, config: SignalTokenConfig) -> int:
+    """Add missing signal tokens and placeholders; new embedding and lm_head rows start at the mean.
+
+    Returns the number of tokens added (0 when loading a model that already has them).
+    """
+    names = SignalTokens.names(config)
+    vocab = tokenizer.get_vocab()
+    missing = [n for n in names if n not in vocab]
+    if missing:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            emb = model.get_input_embeddings().weight
+            emb[old:] = emb[:old].mean(0, keepdim=True)
+            head = model.get_output_embeddings()
+            if head is not None and head.weight.data_ptr() != emb.data_ptr():
+                head.weight[old:] = head.weight[:old].mean(0, keepdim=True)
+                if getattr(head, "bias", None) is not None:
+                    head.bias[old:] = head.bias[:old].mean()
+    return len(missing)
+
+
+def quantization_config(kind: str):
+    """bitsandbytes 8-bit / 4-bit loading; needs a CUDA GPU and the bitsandbytes package."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{kind} quantization needs a CUDA GPU (bitsandbytes); none is available"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if kind == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    raise ValueError(f"unknown quantization {kind!r}; use '8bit' or '4bit'")
