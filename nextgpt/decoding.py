@@ -84,9 +84,9 @@ class SignalGuide:
 
     def override(self, token: int, eos_id: int, budget_left: int) -> int:
         """Replace the chosen token when the model would stop (or run out) with groups pending."""
-        if self._group is None and self.pending:
-            if token == eos_id or budget_left <= self.tokens_needed():
-                return self.signal.ids[self.pending[0]][0]
+        stopping = token == eos_id or budget_left <= self.tokens_needed()
+        if self._group is None and self.pending and stopping:
+            return self.signal.ids[self.pending[0]][0]
         return token
 
     def next_token(

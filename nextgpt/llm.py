@@ -41,7 +41,7 @@ class LanguageModel(nn.Module):
         self.tokenizer = tokenizer
         self.signal = signal
         params = inspect.signature(self.base_model.forward).parameters
-        # transformers 5 names the KV cache `cache`; older releases and some models `past_key_values`
+        # transformers 5 names the KV cache `cache`; older releases `past_key_values`
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     # ---- construction ------------------------------------------------------------------------
@@ -113,7 +113,7 @@ class LanguageModel(nn.Module):
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     def save(self, directory: str | Path) -> None:
-        """Save model and tokenizer (signal tokens included); LoRA, if any, is merged into a copy."""
+        """Save model and tokenizer (with signal tokens); LoRA, if any, is merged into a copy."""
         directory = Path(directory)
         if self.has_lora:
             import copy

@@ -1,4 +1,4 @@
-"""The LLM wrapper: signal tokens added with mean-initialised rows, tokenization that escapes them."""
+"""The LLM wrapper: signal tokens with mean-initialised rows; tokenization that escapes them."""
 
 from __future__ import annotations
 
