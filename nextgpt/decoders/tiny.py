@@ -1,0 +1,226 @@
+"""Tiny random diffusion pipelines with the real pipelines' structure, built offline.
+
+They stand in for SD-1.5, Zeroscope and AudioLDM in tests and in the miniature: the same diffusers
+pipeline classes and component types, only small and randomly initialised (deterministically per
+seed). The tokenizers are byte-level BPEs without merges, i.e. character-level, so every caption
+tokenizes without a downloaded vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import (
+    AudioLDMPipeline,
+    AutoencoderKL,
+    DDIMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    TextToVideoSDPipeline,
+    UNet2DConditionModel,
+    UNet3DConditionModel,
+)
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import (
+    ClapTextConfig,
+    ClapTextModelWithProjection,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    RobertaTokenizer,
+    SpeechT5HifiGan,
+    SpeechT5HifiGanConfig,
+)
+
+from nextgpt.config import TinyDecoderArch
+
+
+def clip_char_tokenizer(max_length: int) -> CLIPTokenizer:
+    """CLIP tokenizer over the 256 byte symbols, each also in its word-final (`</w>`) form."""
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for s in symbols:
+            vocab[s + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def roberta_char_tokenizer(max_length: int) -> RobertaTokenizer:
+    """RoBERTa (CLAP) tokenizer over the 256 byte symbols."""
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for s in sorted(ByteLevel.alphabet()):
+        vocab[s] = len(vocab)
+    vocab["<mask>"] = len(vocab)
+    return RobertaTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def build_tiny_pipeline(modality: str, arch: TinyDecoderArch, seed: int = 0) -> DiffusionPipeline:
+    """A random pipeline for `modality`; the same seed and arch give the same weights."""
+    builders = {"image": _image, "video": _video, "audio": _audio}
+    if modality not in builders:
+        raise ValueError(f"unknown decoder modality {modality!r}; expected one of {list(builders)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = builders[modality](arch)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _vae_scale(arch: TinyDecoderArch) -> int:
+    return 2 ** (len(arch.vae_channels) - 1)
+
+
+def _vae(arch: TinyDecoderArch, channels: int) -> AutoencoderKL:
+    n = len(arch.vae_channels)
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=arch.vae_channels,
+        layers_per_block=arch.layers_per_block,
+        latent_channels=arch.latent_channels,
+        sample_size=arch.sample_size,
+    )
+
+
+def _scheduler(arch: TinyDecoderArch) -> DDIMScheduler:
+    # SD's noise schedule; clip_sample must be off for latents
+    return DDIMScheduler(
+        num_train_timesteps=arch.num_train_timesteps,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _clip_text(arch: TinyDecoderArch) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    tokenizer = clip_char_tokenizer(arch.text_max_length)
+    if arch.text_vocab < len(tokenizer):
+        raise ValueError(f"text_vocab {arch.text_vocab} < tokenizer size {len(tokenizer)}")
+    config = CLIPTextConfig(
+        vocab_size=arch.text_vocab,
+        hidden_size=arch.text_width,
+        intermediate_size=4 * arch.text_width,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_heads,
+        max_position_embeddings=arch.text_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config).eval(), tokenizer
+
+
+def _image(arch: TinyDecoderArch) -> StableDiffusionPipeline:
+    n = len(arch.block_channels)
+    unet = UNet2DConditionModel(
+        sample_size=arch.sample_size // _vae_scale(arch),
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        block_out_channels=arch.block_channels,
+        layers_per_block=arch.layers_per_block,
+        cross_attention_dim=arch.text_width,
+        attention_head_dim=arch.text_heads,
+    )
+    text_encoder, tokenizer = _clip_text(arch)
+    return StableDiffusionPipeline(
+        vae=_vae(arch, 3),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(arch),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def _video(arch: TinyDecoderArch) -> TextToVideoSDPipeline:
+    n = len(arch.block_channels)
+    unet = UNet3DConditionModel(
+        sample_size=arch.sample_size // _vae_scale(arch),
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        down_block_types=("CrossAttnDownBlock3D",) * (n - 1) + ("DownBlock3D",),
+        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (n - 1),
+        block_out_channels=arch.block_channels,
+        layers_per_block=arch.layers_per_block,
+        cross_attention_dim=arch.text_width,
+        attention_head_dim=arch.text_heads,
+    )
+    text_encoder, tokenizer = _clip_text(arch)
+    return TextToVideoSDPipeline(
+        vae=_vae(arch, 3),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(arch),
+    )
+
+
+def _audio(arch: TinyDecoderArch) -> AudioLDMPipeline:
+    """AudioLDM: a mel-spectrogram latent UNet conditioned through its class embedding."""
+    n = len(arch.block_channels)
+    hop = math.prod(arch.vocoder_upsample_rates)
+    unet = UNet2DConditionModel(
+        # default length: one second of mel frames, in latents
+        sample_size=arch.sample_rate // hop // _vae_scale(arch),
+        in_channels=arch.latent_channels,
+        out_channels=arch.latent_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        block_out_channels=arch.block_channels,
+        layers_per_block=arch.layers_per_block,
+        # AudioLDM passes no encoder states, so these attentions attend to the features themselves
+        cross_attention_dim=arch.block_channels,
+        attention_head_dim=arch.text_heads,
+        class_embed_type="simple_projection",
+        projection_class_embeddings_input_dim=arch.projection_dim,
+        class_embeddings_concat=True,
+    )
+    tokenizer = roberta_char_tokenizer(arch.text_max_length)
+    if arch.text_vocab < len(tokenizer):
+        raise ValueError(f"text_vocab {arch.text_vocab} < tokenizer size {len(tokenizer)}")
+    text_encoder = ClapTextModelWithProjection(
+        ClapTextConfig(
+            vocab_size=arch.text_vocab,
+            hidden_size=arch.text_width,
+            intermediate_size=4 * arch.text_width,
+            num_hidden_layers=arch.text_layers,
+            num_attention_heads=arch.text_heads,
+            max_position_embeddings=arch.text_max_length + 2,  # RoBERTa positions start at pad + 1
+            projection_dim=arch.projection_dim,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    ).eval()
+    rates = tuple(arch.vocoder_upsample_rates)
+    vocoder = SpeechT5HifiGan(
+        SpeechT5HifiGanConfig(
+            model_in_dim=arch.mel_bins,
+            sampling_rate=arch.sample_rate,
+            upsample_initial_channel=arch.block_channels[0],
+            upsample_rates=rates,
+            upsample_kernel_sizes=tuple(2 * r for r in rates),
+            resblock_kernel_sizes=(3,),
+            resblock_dilation_sizes=((1, 3),),
+            normalize_before=False,
+            initializer_range=0.1,  # the default 0.01 makes a random vocoder output ~1e-7 silence
+        )
+    ).eval()
+    return AudioLDMPipeline(
+        vae=_vae(arch, 1),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_scheduler(arch),
+        vocoder=vocoder,
+    )
