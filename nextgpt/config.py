@@ -28,6 +28,10 @@ class EncoderConfig:
 
     `pretrained` is a path to the official `imagebind_huge.pth` or to our own `encoder.safetensors`;
     `None` builds the architecture with random weights (tests, or before pretraining the miniature).
+    NExT-GPT only encodes images, video, audio (and text); the depth / thermal / IMU trunks exist
+    only so that the official checkpoint loads strictly. With `all_modalities=False` they are not
+    built and their weights in a checkpoint are skipped (128M of the 1.2B parameters).
+    The official weights are licensed CC-BY-NC-SA 4.0.
     """
 
     pretrained: str | None = None
@@ -61,6 +65,15 @@ class EncoderConfig:
     video_clips: int = 5
     # build the depth / thermal / IMU trunks too, so the official checkpoint loads with strict=True
     all_modalities: bool = False
+    depth_width: int = 384
+    depth_layers: int = 12
+    depth_heads: int = 8
+    thermal_width: int = 768
+    thermal_layers: int = 12
+    thermal_heads: int = 12
+    imu_width: int = 512
+    imu_layers: int = 6
+    imu_heads: int = 8
 
 
 @dataclass
@@ -78,7 +91,12 @@ class InputProjectorConfig:
     depths: tuple[int, ...] = (6, 3, 3)  # transformer layers per stage; len = len(concept_tokens)+1
     num_heads: int = 8
     concept_tokens: tuple[int, ...] = (64, 8)  # concept tokens of each grouping stage
-    init_tau: float = 1.0
+    mlp_ratio: float = 4.0  # feed-forward width / hidden_dim in the transformer and merge MLPs
+    # initial temperature of the similarity logits (learned as log tau, one per stage); at 1 the
+    # Gumbel noise decides most assignments, at 0.1 the similarity does
+    init_tau: float = 0.1
+    # scale of the Gumbel noise added to the cosine similarities in training (paper: 1; 0: none)
+    gumbel_scale: float = 1.0
     dropout: float = 0.0
 
 
@@ -94,7 +112,7 @@ class LoraSettings:
 
 @dataclass
 class LLMConfig:
-    """Any Hugging Face causal LM. `pretrained=None` builds a random tiny LLaMA from the fields below."""
+    """Any Hugging Face causal LM; `pretrained=None` builds a random tiny LLaMA from the fields."""
 
     pretrained: str | None = "lmsys/vicuna-7b-v1.5"
     dtype: str = "float32"  # float32 | bfloat16 | float16
@@ -112,7 +130,7 @@ class LLMConfig:
 
 @dataclass
 class SignalTokenConfig:
-    """How many signal tokens the LLM emits per output modality (paper: 4 image, 24 video, 8 audio)."""
+    """Signal tokens the LLM emits per output modality (paper: 4 image, 24 video, 8 audio)."""
 
     image: int = 4
     audio: int = 8
@@ -138,20 +156,30 @@ class OutputProjectorConfig:
 
 @dataclass
 class TinyDecoderArch:
-    """Architecture of a randomly initialised diffusion decoder (tests, the miniature)."""
+    """Architecture of a randomly initialised diffusion decoder (tests, the miniature).
+
+    The text encoders are character-level (byte-level BPE without merges), so any English caption
+    tokenizes; `text_max_length` is therefore counted in characters and is the conditioning length
+    of the image and video decoders, whose conditioning width is `text_width`. The audio decoder
+    conditions on the CLAP text projection, `projection_dim` wide.
+    """
 
     block_channels: tuple[int, ...] = (32, 64)
     layers_per_block: int = 1
-    cross_attention_dim: int = 32
     latent_channels: int = 4
     vae_channels: tuple[int, ...] = (32, 64)
-    sample_size: int = 32  # pixels (image, video); for audio: mel frames per second is fixed by hop
+    sample_size: int = 32  # pixels (image, video); audio length is set by the vocoder's hop
     text_width: int = 32
     text_layers: int = 2
     text_heads: int = 2
-    text_max_length: int = 16
-    text_vocab: int = 1000
+    text_max_length: int = 48
+    text_vocab: int = 1000  # at least the 514 character tokens of the tiny CLIP tokenizer
     num_train_timesteps: int = 1000
+    # audio (AudioLDM): CLAP projection width, log-mel bins, vocoder sample rate and upsampling
+    projection_dim: int = 24
+    mel_bins: int = 32
+    sample_rate: int = 16000
+    vocoder_upsample_rates: tuple[int, ...] = (8, 5, 4)  # product = hop = 10 ms at 16 kHz
 
 
 @dataclass
@@ -226,7 +254,9 @@ class NextGPTConfig:
     def from_yaml_text(cls, text: str, where: str = "config") -> NextGPTConfig:
         data = yaml.safe_load(text)
         if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected a mapping of config fields, got {type(data).__name__}")
+            raise ValueError(
+                f"{where}: expected a mapping of config fields, got {type(data).__name__}"
+            )
         return _from_plain(cls, data, where)
 
     @classmethod
@@ -265,6 +295,15 @@ def tiny_config() -> NextGPTConfig:
             audio_clips=2,
             video_clip_seconds=0.5,
             video_clips=2,
+            depth_width=16,
+            depth_layers=1,
+            depth_heads=2,
+            thermal_width=16,
+            thermal_layers=1,
+            thermal_heads=2,
+            imu_width=16,
+            imu_layers=1,
+            imu_heads=2,
         ),
         input_projector=InputProjectorConfig(
             kind="grouping", hidden_dim=32, depths=(1, 1, 1), num_heads=2, concept_tokens=(8, 4)

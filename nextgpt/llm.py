@@ -22,6 +22,7 @@ from transformers import (
 from nextgpt.config import LLMConfig, LoraSettings, SignalTokenConfig
 from nextgpt.signal_tokens import SignalTokens
 from nextgpt.tokenizer import train_bpe_tokenizer
+from nextgpt.weights import realign
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,7 +79,7 @@ class LanguageModel(nn.Module):
             kwargs: dict = {"dtype": dtype}
             if config.quantization is not None:
                 kwargs["quantization_config"] = quantization_config(config.quantization)
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            model = realign(AutoModelForCausalLM.from_pretrained(source, **kwargs))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
         add_signal_tokens(model, tokenizer, signal_config)
@@ -112,17 +113,68 @@ class LanguageModel(nn.Module):
         model = self.model
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    def save(self, directory: str | Path) -> None:
-        """Save model and tokenizer (with signal tokens); LoRA, if any, is merged into a copy."""
+    def save_base(self, directory: str | Path) -> None:
+        """Save the base model (signal rows included, LoRA left out) and the tokenizer."""
         directory = Path(directory)
         if self.has_lora:
             import copy
 
-            merged = copy.deepcopy(self.model).merge_and_unload()
-            merged.save_pretrained(directory)
+            copy.deepcopy(self.model).unload().save_pretrained(directory)
         else:
             self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+
+    def save_merged(self, directory: str | Path) -> None:
+        """Export a plain transformers model with LoRA merged in (for serving elsewhere)."""
+        directory = Path(directory)
+        if self.has_lora:
+            import copy
+
+            copy.deepcopy(self.model).merge_and_unload().save_pretrained(directory)
+        else:
+            self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every signal token and placeholder: the rows NExT-GPT trains."""
+        return sorted(self.signal.all_signal_ids | set(self.signal.placeholder_ids.values()))
+
+    def adapted_state_dict(self) -> dict[str, torch.Tensor]:
+        """What NExT-GPT changes in the LLM: signal-token rows (embedding, lm_head) and LoRA."""
+        ids = torch.tensor(self.special_ids)
+        base = self.base_model
+        state = {"signal_embed": base.get_input_embeddings().weight[ids]}
+        head = base.get_output_embeddings()
+        if (
+            head is not None
+            and head.weight.data_ptr() != base.get_input_embeddings().weight.data_ptr()
+        ):
+            state["signal_lm_head"] = head.weight[ids]
+        if self.has_lora:
+            from peft import get_peft_model_state_dict
+
+            lora = get_peft_model_state_dict(self.model)
+            state.update({f"lora.{k}": v for k, v in lora.items()})
+        return state
+
+    def load_adapted_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        ids = torch.tensor(self.special_ids)
+        base = self.base_model
+        with torch.no_grad():
+            emb = base.get_input_embeddings().weight
+            emb[ids] = state["signal_embed"].to(emb.dtype)
+            if "signal_lm_head" in state:
+                head = base.get_output_embeddings().weight
+                head[ids] = state["signal_lm_head"].to(head.dtype)
+        lora = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
+        if lora:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model, lora)
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise ValueError(f"unexpected LoRA keys {unexpected[:5]}")
 
     # ---- use -----------------------------------------------------------------------------------
     @property
