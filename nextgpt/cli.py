@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
@@ -113,10 +114,7 @@ def load_model(name_or_dir: str):
     return NextGPT.from_pretrained(name_or_dir).eval()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nextgpt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="answer one prompt, writing text and media files")
     g.add_argument("prompt")
     g.add_argument("--image", action="append", default=[], help="input image (repeatable)")
@@ -130,6 +128,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--steps", type=int, default=None, help="diffusion steps (decoder default)")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance")
+    g.set_defaults(handler=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    paths = run_generate(
+        args.prompt,
+        args.out,
+        model=args.model,
+        images=args.image,
+        audios=args.audio,
+        videos=args.video,
+        want=parse_modalities(args.want),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+    )
+    for p in paths:
+        print(p)
+    return 0
+
+
+# Each module has `register(subparsers)`, which adds its sub-command with `set_defaults(handler=f)`;
+# `f(args) -> int` runs it and raises UsageError for bad input.
+COMMAND_MODULES: tuple[str, ...] = ("nextgpt.cli",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nextgpt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
@@ -152,24 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "generate":
-            paths = run_generate(
-                args.prompt,
-                args.out,
-                model=args.model,
-                images=args.image,
-                audios=args.audio,
-                videos=args.video,
-                want=parse_modalities(args.want),
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                seed=args.seed,
-                steps=args.steps,
-                guidance=args.guidance,
-            )
-            for p in paths:
-                print(p)
-        return 0
+        return args.handler(args)
     except UsageError as e:
         print(f"nextgpt: error: {e}", file=sys.stderr)
         return 2
