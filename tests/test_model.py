@@ -267,3 +267,46 @@ def test_save_load_round_trip_is_identical(tiny_model, tmp_path):
         torch.testing.assert_close(x.conditioning, y.conditioning)
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     np.testing.assert_array_equal(a.audios[0][0], b.audios[0][0])
+
+
+def test_decoders_load_only_when_first_needed():
+    from nextgpt.config import tiny_config
+
+    model = NextGPT.from_config(tiny_config()).eval()
+    assert not any(d.is_loaded for d in model.decoders.values())
+    model.generate("Just talk.", modalities=["text"], max_new_tokens=4)
+    assert not any(d.is_loaded for d in model.decoders.values())
+    model.generate("Draw.", modalities=["image"], max_new_tokens=4)
+    assert {m for m, d in model.decoders.items() if d.is_loaded} == {"image"}
+    model.decoders["image"].release()
+    assert not model.decoders["image"].is_loaded
+
+
+def test_multi_turn_history_with_generated_media(tiny_model):
+    first = tiny_model.generate("Draw a ball.", modalities=["image"], max_new_tokens=4)
+    history = [
+        {"role": "user", "content": "Draw a ball."},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": first.text}, {"type": "image", "image": None}],
+        },
+        # the generated picture goes back in through the encoder in the next user turn
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": first.images[0]},
+                {"type": "text", "text": "Now make it a sound."},
+            ],
+        },
+    ]
+    reply = tiny_model.generate(history, modalities=["audio"], max_new_tokens=4)
+    assert [m.modality for m in reply.media] == ["audio"]
+    # the earlier assistant turn is laid out with its image signal group
+    from nextgpt.conversation import encode_conversation, parse_messages
+
+    turns, _ = parse_messages(history)
+    counts = {m: tiny_model.num_media_tokens(m) for m in MODALITIES}
+    enc = encode_conversation(turns, tiny_model.llm, tiny_model.template, counts)
+    ids = enc.input_ids
+    group = list(tiny_model.llm.signal.ids["image"])
+    assert any(ids[i : i + len(group)] == group for i in range(len(ids)))
