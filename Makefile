@@ -6,6 +6,10 @@ OUT ?= out
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
+export GRADIO_ANALYTICS_ENABLED := False
+CHROMIUM ?= /usr/bin/chromium
+export NEXTGPT_CHROMIUM := $(CHROMIUM)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install run test lint
 
@@ -19,11 +23,19 @@ $(BIN)/nextgpt: pyproject.toml
 
 install: $(BIN)/nextgpt
 
+# Headless Chromium for the web demo's browser test: Debian's build (Playwright's own download
+# needs the network). Skipped once the binary exists; elsewhere, set CHROMIUM=/path/to/chromium.
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null; then \
+		$(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; \
+	else echo "no apt-get: install Chromium and run make with CHROMIUM=/path/to/chromium"; fi
+
 run: install
 	$(BIN)/nextgpt generate "Describe this picture, then draw a picture, make a sound and a video of it." \
 		--image nextgpt/assets/example.png --want image,audio,video --out $(OUT)
 
-test: install
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install

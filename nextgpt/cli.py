@@ -103,15 +103,13 @@ def write_reply(reply, out: Path) -> list[Path]:
 
 
 def load_model(name_or_dir: str):
-    from nextgpt.config import PRESETS
+    """`NextGPT.from_pretrained`, with a missing model reported as a usage error."""
     from nextgpt.model import NextGPT
 
-    if name_or_dir not in PRESETS and not (Path(name_or_dir) / "config.yaml").is_file():
-        raise UsageError(
-            f"--model {name_or_dir!r}: not a preset ({', '.join(PRESETS)}) "
-            "nor a model directory containing config.yaml"
-        )
-    return NextGPT.from_pretrained(name_or_dir).eval()
+    try:
+        return NextGPT.from_pretrained(name_or_dir).eval()
+    except FileNotFoundError as e:
+        raise UsageError(f"--model: {e}") from e
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -153,7 +151,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 # Each module has `register(subparsers)`, which adds its sub-command with `set_defaults(handler=f)`;
 # `f(args) -> int` runs it and raises UsageError for bad input.
-COMMAND_MODULES: tuple[str, ...] = ("nextgpt.cli",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "nextgpt.cli",
+    "nextgpt.convert",
+    "nextgpt.doctor",
+    "nextgpt.chat",
+    "nextgpt.serving.command",
+    "nextgpt.web",
+    "nextgpt.training.command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ the decoder it is loaded with.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,11 +113,20 @@ class LoraSettings:
 
 @dataclass
 class LLMConfig:
-    """Any Hugging Face causal LM; `pretrained=None` builds a random tiny LLaMA from the fields."""
+    """Any Hugging Face causal LM; `pretrained=None` builds a random tiny LLaMA from the fields.
+
+    `pretrained` is a local directory or a hub id (Vicuna-7B v0 / v1.5, LLaMA-2/3, Mistral, Qwen2,
+    ...) in transformers' layout. `device_map` is passed to `from_pretrained` ("auto", "cuda", ...)
+    so that weights go straight to the GPU instead of through CPU memory; 8-bit / 4-bit loading
+    implies it. `base_rows` is a safetensors file of `embed_tokens` / `lm_head` rows that replace
+    the pretrained rows of the base vocabulary (the released NExT-GPT checkpoint retrains them).
+    """
 
     pretrained: str | None = "lmsys/vicuna-7b-v1.5"
     dtype: str = "float32"  # float32 | bfloat16 | float16
     quantization: str | None = None  # None | "8bit" | "4bit" (bitsandbytes, GPU only)
+    device_map: str | None = None
+    base_rows: str | None = None
     template: str = "vicuna_v1"
     lora: LoraSettings | None = None
     # architecture of a randomly initialised LLM (only when pretrained is None)
@@ -208,10 +218,13 @@ class DecoderConfig:
 
 def _default_decoders() -> dict[str, DecoderConfig]:
     return {
-        "image": DecoderConfig("image", "runwayml/stable-diffusion-v1-5", 77, 768),
-        "audio": DecoderConfig("audio", "cvssp/audioldm-l-full", 1, 512, steps=200, guidance=2.5),
+        # SD-1.5's current home (the runwayml/stable-diffusion-v1-5 repo was taken down in 2024)
+        # conditioning shapes (SD-1.5 77x768, AudioLDM 1x512, Zeroscope 77x1024) are read from
+        # each decoder's own config, so swapping in SD-2 (77x1024) needs no other change
+        "image": DecoderConfig("image", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        "audio": DecoderConfig("audio", "cvssp/audioldm-l-full", steps=200, guidance=2.5),
         "video": DecoderConfig(
-            "video", "cerspense/zeroscope_v2_576w", 77, 1024, height=320, width=576, num_frames=24
+            "video", "cerspense/zeroscope_v2_576w", height=320, width=576, num_frames=24
         ),
     }
 
@@ -321,12 +334,35 @@ def tiny_config() -> NextGPTConfig:
     )
 
 
+IMAGEBIND_ENV = "NEXTGPT_IMAGEBIND"
+
+
+def default_imagebind_path() -> str:
+    """Where the full-size presets look for `imagebind_huge.pth` (it is not on the HF hub).
+
+    `$NEXTGPT_IMAGEBIND` when set, else `~/.cache/nextgpt/imagebind_huge.pth`; a model directory's
+    config.yaml can name any other path.
+    """
+    env = os.environ.get(IMAGEBIND_ENV)
+    if env:
+        return env
+    return str(Path("~/.cache/nextgpt/imagebind_huge.pth").expanduser())
+
+
 def nextgpt_7b_config() -> NextGPTConfig:
-    """The paper's sizes: ImageBind-huge, Vicuna-7B, SD-1.5, AudioLDM l-full, Zeroscope v2 576w."""
+    """The paper's sizes: ImageBind-huge, Vicuna-7B, SD-1.5, AudioLDM l-full, Zeroscope v2 576w.
+
+    Built for a GPU: the LLM in bf16 and the decoders in fp16. Only the ImageBind trunks NExT-GPT
+    uses are built (the depth / thermal / IMU weights in the official file are skipped).
+    """
+    decoders = _default_decoders()
+    for decoder in decoders.values():
+        decoder.dtype = "float16"
     return NextGPTConfig(
         name="nextgpt-7b",
-        encoder=EncoderConfig(pretrained="imagebind_huge.pth", all_modalities=True),
+        encoder=EncoderConfig(pretrained=default_imagebind_path(), all_modalities=False),
         llm=LLMConfig(pretrained="lmsys/vicuna-7b-v1.5", dtype="bfloat16"),
+        decoders=decoders,
     )
 
 

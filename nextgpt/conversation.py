@@ -24,6 +24,7 @@ class ChatTemplate:
     user: str = "USER:"
     assistant: str = "ASSISTANT:"
     sep: str = " "
+    stop: str | None = None  # text that ends a reply for models trained without EOS after turns
 
 
 TEMPLATES: dict[str, ChatTemplate] = {
@@ -38,6 +39,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
         user="### Human:",
         assistant="### Assistant:",
         sep="\n",
+    ),
+    # the released NExT-GPT checkpoint: no system line, replies end with "\n###" rather than EOS
+    "nextgpt_v0": ChatTemplate(
+        system="", user="### Human:", assistant="### Assistant:", sep="\n", stop="\n###"
     ),
     "plain": ChatTemplate(system="", user="USER:", assistant="ASSISTANT:", sep=" "),
 }

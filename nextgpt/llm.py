@@ -6,10 +6,12 @@ Nothing here is LLaMA-specific: the model is loaded through the Auto classes and
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -77,9 +79,13 @@ class LanguageModel(nn.Module):
         else:
             tokenizer = AutoTokenizer.from_pretrained(source)
             kwargs: dict = {"dtype": dtype}
+            if config.device_map is not None:
+                kwargs["device_map"] = config.device_map
             if config.quantization is not None:
                 kwargs["quantization_config"] = quantization_config(config.quantization)
             model = realign(AutoModelForCausalLM.from_pretrained(source, **kwargs))
+            if config.base_rows is not None:
+                load_base_rows(model, config.base_rows)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
         add_signal_tokens(model, tokenizer, signal_config)
@@ -102,6 +108,10 @@ class LanguageModel(nn.Module):
             task_type="CAUSAL_LM",
         )
         self.model = get_peft_model(self.model, lora)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the LLM's activations in backward (non-reentrant: fine with frozen weights)."""
+        self.base_model.gradient_checkpointing_enable({"use_reentrant": False})
 
     @property
     def has_lora(self) -> bool:
@@ -138,7 +148,7 @@ class LanguageModel(nn.Module):
     @property
     def special_ids(self) -> list[int]:
         """Ids of every signal token and placeholder: the rows NExT-GPT trains."""
-        return sorted(self.signal.all_signal_ids | set(self.signal.placeholder_ids.values()))
+        return special_token_ids(self.signal)
 
     def adapted_state_dict(self) -> dict[str, torch.Tensor]:
         """What NExT-GPT changes in the LLM: signal-token rows (embedding, lm_head) and LoRA."""
@@ -154,7 +164,9 @@ class LanguageModel(nn.Module):
         if self.has_lora:
             from peft import get_peft_model_state_dict
 
-            lora = get_peft_model_state_dict(self.model)
+            # the signal rows above are all NExT-GPT changes in the embeddings: without this,
+            # peft saves both full matrices (1 GB at 7B) because the vocabulary was resized
+            lora = get_peft_model_state_dict(self.model, save_embedding_layers=False)
             state.update({f"lora.{k}": v for k, v in lora.items()})
         return state
 
@@ -230,13 +242,7 @@ def add_signal_tokens(model: PreTrainedModel, tokenizer, config: SignalTokenConf
 
     Returns the number of tokens added (0 when loading a model that already has them).
     """
-    names = SignalTokens.names(config)
-    vocab = tokenizer.get_vocab()
-    missing = [n for n in names if n not in vocab]
-    if missing:
-        tokenizer.add_special_tokens(
-            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
-        )
+    added = register_signal_tokens(tokenizer, config)
     old = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > old:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -248,21 +254,71 @@ def add_signal_tokens(model: PreTrainedModel, tokenizer, config: SignalTokenConf
                 head.weight[old:] = head.weight[:old].mean(0, keepdim=True)
                 if getattr(head, "bias", None) is not None:
                     head.bias[old:] = head.bias[:old].mean()
+    return added
+
+
+def register_signal_tokens(tokenizer, config: SignalTokenConfig) -> int:
+    """Add the signal tokens and placeholders `tokenizer` lacks; returns how many were added."""
+    vocab = tokenizer.get_vocab()
+    missing = [n for n in SignalTokens.names(config) if n not in vocab]
+    if missing:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
     return len(missing)
 
 
+def special_token_ids(signal: SignalTokens) -> list[int]:
+    """The order of the rows in `signal_embed` / `signal_lm_head`: ascending token id."""
+    return sorted(signal.all_signal_ids | set(signal.placeholder_ids.values()))
+
+
+def load_base_rows(model: PreTrainedModel, path: str | Path) -> None:
+    """Replace the pretrained embedding and lm_head rows with those saved in `path`.
+
+    The file holds `embed_tokens` (and `lm_head` unless the model ties them), one row per token of
+    the base vocabulary, as `nextgpt convert` writes them from the released NExT-GPT checkpoint.
+    """
+    rows = load_file(str(path))
+    emb = model.get_input_embeddings().weight
+    targets = {"embed_tokens": emb}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != emb.data_ptr():
+        targets["lm_head"] = head.weight
+    if set(rows) != set(targets):
+        raise ValueError(f"{path}: expected tensors {sorted(targets)}, found {sorted(rows)}")
+    with torch.no_grad():
+        for name, weight in targets.items():
+            if rows[name].shape != weight.shape:
+                raise ValueError(
+                    f"{path}: {name} rows {tuple(rows[name].shape)} do not match the model's "
+                    f"{tuple(weight.shape)}: they were made for another base LLM"
+                )
+            weight.copy_(rows[name].to(weight.device, weight.dtype))
+
+
+QUANTIZATIONS = ("8bit", "4bit")
+
+
 def quantization_config(kind: str):
-    """bitsandbytes 8-bit / 4-bit loading; needs a CUDA GPU and the bitsandbytes package."""
+    """bitsandbytes 8-bit / 4-bit loading; needs a CUDA GPU and the bitsandbytes package.
+
+    Linear layers are quantized (lm_head and embeddings stay in `dtype`); 4-bit is NF4 with bf16
+    compute. The weights land on the GPU as they load.
+    """
+    if kind not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {kind!r}; use '8bit' or '4bit'")
     if not torch.cuda.is_available():
         raise RuntimeError(
-            f"{kind} quantization needs a CUDA GPU (bitsandbytes); none is available"
+            f"{kind} loading needs a CUDA GPU (bitsandbytes) and none is available here; "
+            "set llm.quantization to null (and llm.dtype to bfloat16 to halve memory)"
         )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(f"{kind} loading needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
     if kind == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if kind == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
-    raise ValueError(f"unknown quantization {kind!r}; use '8bit' or '4bit'")
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )

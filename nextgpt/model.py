@@ -25,7 +25,7 @@ from torch import nn
 
 from nextgpt import media as media_io
 from nextgpt.batch import Batch
-from nextgpt.config import MODALITIES, NextGPTConfig
+from nextgpt.config import MODALITIES, EncoderConfig, NextGPTConfig
 from nextgpt.conversation import (
     IGNORE_INDEX,
     encode_conversation,
@@ -44,6 +44,7 @@ CONFIG_FILE = "config.yaml"
 TRAINABLE_FILE = "trainable.safetensors"
 ENCODER_FILE = "encoder.safetensors"
 LLM_DIR = "llm"
+LATEST_FILE = "latest"  # in a training run directory: the newest checkpoint's name
 
 
 @dataclass
@@ -105,6 +106,12 @@ class NextGPT(nn.Module):
         self.decoders = decoders  # not a submodule: loaded lazily, frozen, saved on their own
         self.template = get_template(config.llm.template)
 
+    def train(self, mode: bool = True) -> NextGPT:
+        """Train mode everywhere but the encoder, which is frozen and always runs in eval mode."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: NextGPTConfig) -> NextGPT:
@@ -132,20 +139,34 @@ class NextGPT(nn.Module):
                 cond_len,
                 cond_dim,
             )
-        return cls(config, encoder, input_projector, llm, nn.ModuleDict(projectors), decoders)
+        # everything the LLM touches lives on the LLM's (first) device; on a GPU machine an LLM
+        # loaded without a device map is moved there (quantized / mapped LLMs are placed already)
+        device = llm.base_model.get_input_embeddings().weight.device
+        placed = config.llm.device_map is not None or config.llm.quantization is not None
+        if device.type == "cpu" and torch.cuda.is_available() and not placed:
+            llm.to("cuda")
+            device = torch.device("cuda")
+        modules = (encoder, input_projector, nn.ModuleDict(projectors))
+        encoder, input_projector, output_projectors = (m.to(device) for m in modules)
+        return cls(config, encoder, input_projector, llm, output_projectors, decoders)
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | Path) -> NextGPT:
-        """A preset name (`tiny`, ...) or a directory written by `save_pretrained`."""
+        """A preset name (`tiny`, ...), a directory written by `save_pretrained` (or a training
+        run directory, whose latest checkpoint is taken), or a model config YAML file."""
         from nextgpt.config import PRESETS
 
         if str(name_or_dir) in PRESETS:
             return cls.from_config(NextGPTConfig.from_name(str(name_or_dir)))
         directory = Path(name_or_dir)
+        if directory.suffix in (".yaml", ".yml") and directory.is_file():
+            return cls.from_config(NextGPTConfig.from_yaml(directory))
+        if (directory / LATEST_FILE).is_file():  # a training run: its latest checkpoint
+            directory = directory / (directory / LATEST_FILE).read_text().strip()
         if not (directory / CONFIG_FILE).is_file():
             raise FileNotFoundError(
-                f"{name_or_dir}: not a preset ({', '.join(PRESETS)}) nor a model directory "
-                f"with {CONFIG_FILE}"
+                f"{name_or_dir}: not a preset ({', '.join(PRESETS)}), a model directory "
+                f"with {CONFIG_FILE}, a training run, nor a model config YAML file"
             )
         config = NextGPTConfig.from_yaml(directory / CONFIG_FILE)
         config = _resolve_paths(config, directory)
@@ -213,7 +234,8 @@ class NextGPT(nn.Module):
     # ---- inputs ---------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.llm.parameters()).device
+        """Where inputs go: the device of the LLM's input embeddings."""
+        return self.llm.base_model.get_input_embeddings().weight.device
 
     def num_media_tokens(self, modality: str) -> int:
         """How many LLM positions one input item of `modality` occupies."""
@@ -226,18 +248,7 @@ class NextGPT(nn.Module):
 
     def prepare_media(self, modality: str, value: Any) -> torch.Tensor:
         """A file path, PIL image, array or (waveform, rate) -> the encoder's input tensor."""
-        if isinstance(value, torch.Tensor):
-            return value
-        cfg = self.config.encoder
-        if modality == "image":
-            return preprocess_image(media_io.load_image(value), cfg)
-        if modality == "audio":
-            wave, rate = media_io.load_audio(value)
-            return preprocess_audio(wave, rate, cfg)
-        if modality == "video":
-            frames, fps = media_io.load_video(value)
-            return preprocess_video(frames, fps, cfg)
-        raise ValueError(f"unknown input modality {modality!r}; use {', '.join(MODALITIES)}")
+        return encoder_input(modality, value, self.config.encoder)
 
     def encode_media(self, modality: str, inputs: torch.Tensor) -> torch.Tensor:
         """Encoder (frozen) then input projector: (n, ...) -> (n, K, llm hidden)."""
@@ -419,11 +430,13 @@ class NextGPT(nn.Module):
                 guide.advance(token)
                 continue
             text_ids.append(token)
-            text = self.llm.decode(text_ids)
+            text, stopped = visible_text(self.llm.decode(text_ids), self.template.stop)
             if not text.endswith("\ufffd") and len(text) > len(emitted):
                 yield TextDelta(text[len(emitted) :])
                 emitted = text
-        text = self.llm.decode(text_ids)
+            if stopped and not guide.pending:
+                break
+        text, _ = visible_text(self.llm.decode(text_ids), self.template.stop, final=True)
         if len(text) > len(emitted):
             yield TextDelta(text[len(emitted) :])
 
@@ -459,6 +472,23 @@ class NextGPT(nn.Module):
         return wanted, wanted
 
 
+def visible_text(text: str, stop: str | None, final: bool = False) -> tuple[str, bool]:
+    """Text up to the stop string, and whether it was reached.
+
+    While streaming, a tail that could be the start of the stop string is held back, so a client
+    never receives text that is later taken away.
+    """
+    if not stop:
+        return text, False
+    if stop in text:
+        return text[: text.index(stop)], True
+    if not final:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                return text[:-k], False
+    return text, False
+
+
 def _resolve_paths(config: NextGPTConfig, directory: Path) -> NextGPTConfig:
     """Make component paths that are relative to a model directory absolute."""
 
@@ -470,9 +500,25 @@ def _resolve_paths(config: NextGPTConfig, directory: Path) -> NextGPTConfig:
 
     config.encoder.pretrained = resolve(config.encoder.pretrained)
     config.llm.pretrained = resolve(config.llm.pretrained)
+    config.llm.base_rows = resolve(config.llm.base_rows)
     for d in config.decoders.values():
         d.pretrained = resolve(d.pretrained)
     return config
+
+
+def encoder_input(modality: str, value: Any, config: EncoderConfig) -> torch.Tensor:
+    """A file path, PIL image, array or (waveform, rate) -> the encoder's input tensor."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if modality == "image":
+        return preprocess_image(media_io.load_image(value), config)
+    if modality == "audio":
+        wave, rate = media_io.load_audio(value)
+        return preprocess_audio(wave, rate, config)
+    if modality == "video":
+        frames, fps = media_io.load_video(value)
+        return preprocess_video(frames, fps, config)
+    raise ValueError(f"unknown input modality {modality!r}; use {', '.join(MODALITIES)}")
 
 
 def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:

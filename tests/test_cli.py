@@ -81,3 +81,15 @@ def test_console_script_entry_point(tmp_path):
     )
     assert result.returncode == 2
     assert "none.mp4" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_from_a_training_run_directory(tiny_model, tmp_path, capsys):
+    """`--model` takes a run directory too: its `latest` checkpoint is loaded."""
+    run = tmp_path / "runs" / "stage3"
+    tiny_model.save_pretrained(run / "checkpoint-00000007")
+    (run / "latest").write_text("checkpoint-00000007\n")
+    code = main(
+        ["generate", "Draw.", "--model", str(run), "--want", "image", "--out", str(tmp_path)]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "image_0.png").is_file()

@@ -23,10 +23,8 @@ def test_paper_sizes_in_the_7b_preset():
     assert c.input_projector.concept_tokens == (64, 8) and c.input_projector.depths == (6, 3, 3)
     assert c.output_projector.hidden_dim == 512 and c.output_projector.encoder_layers == 4
     assert c.llm.pretrained == "lmsys/vicuna-7b-v1.5"
-    # recorded decoder shapes are only a check: the decoder's own config decides
-    assert (c.decoders["image"].cond_len, c.decoders["image"].cond_dim) == (77, 768)
-    assert (c.decoders["video"].cond_len, c.decoders["video"].cond_dim) == (77, 1024)
-    assert (c.decoders["audio"].cond_len, c.decoders["audio"].cond_dim) == (1, 512)
+    # no decoder shape is hard-coded: each is read from the decoder's own config when built
+    assert all(d.cond_len is None and d.cond_dim is None for d in c.decoders.values())
 
 
 def test_tiny_preset_builds_nothing_pretrained():

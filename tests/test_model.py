@@ -310,3 +310,29 @@ def test_multi_turn_history_with_generated_media(tiny_model):
     ids = enc.input_ids
     group = list(tiny_model.llm.signal.ids["image"])
     assert any(ids[i : i + len(group)] == group for i in range(len(ids)))
+
+
+def test_stop_text_ends_a_reply_and_is_never_streamed():
+    from nextgpt.model import visible_text
+
+    assert visible_text("Hi there\n### Human", "\n###") == ("Hi there", True)
+    # a tail that may become the stop string is held back while streaming, released at the end
+    assert visible_text("Hi there\n#", "\n###") == ("Hi there", False)
+    assert visible_text("Hi there\n#", "\n###", final=True) == ("Hi there\n#", False)
+    assert visible_text("a # b", None) == ("a # b", False)
+
+
+def test_template_stop_string_stops_generation(tiny_model, monkeypatch):
+    """With a stop string the reply ends at it, and streamed text never contains it."""
+    import dataclasses
+
+    free = tiny_model.generate("Tell me.", max_new_tokens=12)
+    assert len(free.text) > 3
+    stop = free.text[2:4]  # a piece of what the model says anyway
+    monkeypatch.setattr(tiny_model, "template", dataclasses.replace(tiny_model.template, stop=stop))
+    events = list(tiny_model.stream("Tell me.", max_new_tokens=12))
+    reply = events[-1]
+    streamed = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert stop not in streamed and stop not in reply.text
+    assert len(reply.token_ids) < len(free.token_ids)
+    assert free.text.startswith(reply.text)

@@ -89,7 +89,7 @@ def _embed(args: argparse.Namespace) -> int:
 
     from nextgpt.data.embeddings import CaptionEmbeddingStore, precompute
     from nextgpt.data.formats import DataError
-    from nextgpt.training.trainer import load_model
+    from nextgpt.model import NextGPT
 
     config = _load_config(args.config, args.overrides)
     if not config.data.caption_embeddings:
@@ -98,7 +98,7 @@ def _embed(args: argparse.Namespace) -> int:
         captions = collect_captions(config.data.train + config.data.eval, config.data)
     except DataError as e:
         raise UsageError(str(e)) from e
-    model = load_model(config.model)
+    model = NextGPT.from_pretrained(config.model)
     unknown = sorted(set(captions) - set(model.decoders))
     if unknown:
         raise UsageError(f"the data has {unknown} outputs but the model has no such decoder")

@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from nextgpt.config import PRESETS, NextGPTConfig
 from nextgpt.data.dataset import (
     ConversationDataset,
     EvalBatchSampler,
@@ -56,14 +55,6 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one entry per logged step
     evals: list[dict[str, float]] = field(default_factory=list)
     skipped_records: int = 0
-
-
-def load_model(spec: str) -> NextGPT:
-    """A preset name, a model / run / checkpoint directory, or a model config YAML file."""
-    path = Path(spec)
-    if spec not in PRESETS and path.suffix in (".yaml", ".yml") and path.is_file():
-        return NextGPT.from_config(NextGPTConfig.from_yaml(path))
-    return NextGPT.from_pretrained(spec)
 
 
 def resolve_precision(precision: str) -> str:
@@ -101,7 +92,7 @@ def train(config: TrainConfig) -> TrainResult:
     start_step = json.loads((resume_from / STATE_FILE).read_text())["step"] if resume_from else 0
 
     set_seed(config.seed)  # every process builds the same model
-    model = load_model(config.model)
+    model = NextGPT.from_pretrained(config.model)
     stage = get_stage(config.stage)
     plan = apply_stage(model, stage, config.lora)
     losses = tuple(config.losses or stage.losses)
