@@ -36,7 +36,7 @@ run: install
 		--image nextgpt/assets/example.png --want image,audio,video --out $(OUT)
 
 test: install $(CHROMIUM)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check nextgpt tests benchmarks

@@ -14,13 +14,19 @@ import torch  # noqa: E402
 from nextgpt.config import SignalTokenConfig, tiny_config  # noqa: E402
 from nextgpt.llm import LanguageModel  # noqa: E402
 
+# One thread: the tiny models' ops are too small to gain from two, and two OpenMP threads on two
+# shared cores spin against any other process and run 10-30x slower (measured: a 80x256x1024 matmul
+# took 31 ms on two threads beside another busy process, 1 ms on one).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _restore_torch_state():
-    """Tests may change the default dtype or seed; put them back."""
-    dtype = torch.get_default_dtype()
+    """Tests may change the default dtype or thread count; put them back."""
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
     yield
     torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

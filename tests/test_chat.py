@@ -6,8 +6,6 @@ import io
 import json
 from pathlib import Path
 
-import pytest
-import torch
 from PIL import Image
 
 from nextgpt.chat import ChatSession, ChatSettings, run_chat
@@ -15,15 +13,6 @@ from nextgpt.cli import main
 
 EXAMPLE = Path(__file__).parents[1] / "nextgpt" / "assets" / "example.png"
 SETTINGS = ChatSettings(max_new_tokens=12, decoder_options={"image": {"steps": 2}})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny ops on two threads crawl when other processes share the cores; one thread does not."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def session(model, tmp_path: Path) -> tuple[ChatSession, io.StringIO]:

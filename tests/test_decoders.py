@@ -29,15 +29,6 @@ from nextgpt.decoders import (
 CAPTIONS = ["a red car on a wet road", "a small dog barking at the sea"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two OpenMP threads on two shared cores spin against other processes and run 10-20x slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(modality: str, **changes) -> DecoderConfig:
     return dataclasses.replace(tiny_config().decoders[modality], **changes)
 

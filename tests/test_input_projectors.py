@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -16,15 +15,6 @@ from nextgpt.projectors.input import group_average, gumbel_hard_assign
 TINY = InputProjectorConfig(
     kind="grouping", hidden_dim=32, depths=(1, 1, 1), num_heads=2, concept_tokens=(8, 4)
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny ops on a shared CPU: a second OpenMP thread only spins (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _n_params(module: torch.nn.Module) -> int:

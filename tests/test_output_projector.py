@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,15 +14,6 @@ from nextgpt.projectors import OutputProjector
 TINY = OutputProjectorConfig(
     hidden_dim=32, num_heads=2, encoder_layers=1, decoder_layers=1, ff_dim=64
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny ops on a shared CPU: a second OpenMP thread only spins (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,6 @@ import numpy as np
 import openai
 import pytest
 import soundfile as sf
-import torch
 import uvicorn
 from PIL import Image
 
@@ -54,15 +53,6 @@ LIMITS = Limits(
     queue_size=4,
 )
 TOKENS = 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny ops on two threads crawl when other processes share the cores; one thread does not."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @contextlib.contextmanager
