@@ -40,3 +40,15 @@ def tiny_model():
     from nextgpt.model import NextGPT
 
     return NextGPT.from_config(tiny_config()).eval()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps process-wide singletons; each in-process training run starts afresh."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

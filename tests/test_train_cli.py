@@ -17,16 +17,7 @@ TRAIN = CONFIGS / "train"
 QUIET = ["--progress", "false", "--tensorboard", "false"]
 FEWER_EVALS = ["--eval_every", "0", "--save_every", "0"]  # evaluate at the start and the end
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def evals(run: Path) -> list[dict]:

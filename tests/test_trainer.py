@@ -19,21 +19,12 @@ from nextgpt.training.config import DataConfig, DataSource, TrainConfig
 from nextgpt.training.trainer import train
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """accelerate keeps process-wide singletons; each in-process run starts from scratch."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> dict[str, Path]:
     return write_toy_dataset(tmp_path_factory.mktemp("toy"), copies=2)
+
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def stage3_config(toy: dict[str, Path], out: Path, **kw) -> TrainConfig:

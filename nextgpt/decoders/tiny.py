@@ -116,19 +116,24 @@ def _clip_text(arch: TinyDecoderArch) -> tuple[CLIPTextModel, CLIPTokenizer]:
     return CLIPTextModel(config).eval(), tokenizer
 
 
-def _image(arch: TinyDecoderArch) -> StableDiffusionPipeline:
+def _unet_kwargs(arch: TinyDecoderArch, dims: str) -> dict:
+    """A cross-attention UNet's arguments; `dims` is "2D" (images) or "3D" (video)."""
     n = len(arch.block_channels)
-    unet = UNet2DConditionModel(
+    return dict(
         sample_size=arch.sample_size // _vae_scale(arch),
         in_channels=arch.latent_channels,
         out_channels=arch.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=(f"CrossAttnDownBlock{dims}",) * (n - 1) + (f"DownBlock{dims}",),
+        up_block_types=(f"UpBlock{dims}",) + (f"CrossAttnUpBlock{dims}",) * (n - 1),
         block_out_channels=arch.block_channels,
         layers_per_block=arch.layers_per_block,
         cross_attention_dim=arch.text_width,
         attention_head_dim=arch.text_heads,
     )
+
+
+def _image(arch: TinyDecoderArch) -> StableDiffusionPipeline:
+    unet = UNet2DConditionModel(**_unet_kwargs(arch, "2D"))
     text_encoder, tokenizer = _clip_text(arch)
     return StableDiffusionPipeline(
         vae=_vae(arch, 3),
@@ -143,18 +148,7 @@ def _image(arch: TinyDecoderArch) -> StableDiffusionPipeline:
 
 
 def _video(arch: TinyDecoderArch) -> TextToVideoSDPipeline:
-    n = len(arch.block_channels)
-    unet = UNet3DConditionModel(
-        sample_size=arch.sample_size // _vae_scale(arch),
-        in_channels=arch.latent_channels,
-        out_channels=arch.latent_channels,
-        down_block_types=("CrossAttnDownBlock3D",) * (n - 1) + ("DownBlock3D",),
-        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (n - 1),
-        block_out_channels=arch.block_channels,
-        layers_per_block=arch.layers_per_block,
-        cross_attention_dim=arch.text_width,
-        attention_head_dim=arch.text_heads,
-    )
+    unet = UNet3DConditionModel(**_unet_kwargs(arch, "3D"))
     text_encoder, tokenizer = _clip_text(arch)
     return TextToVideoSDPipeline(
         vae=_vae(arch, 3),
