@@ -419,6 +419,12 @@ def _from_plain(tp: Any, value: Any, where: str) -> Any:
         return {k: _from_plain(vt, v, f"{where}.{k}") for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads exponent notation without a dot (`3e-2`) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")

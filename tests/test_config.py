@@ -46,3 +46,11 @@ def test_errors_name_the_field(tmp_path):
         NextGPTConfig.from_yaml(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         NextGPTConfig.from_name("huge")
+
+
+def test_exponent_floats_without_a_dot():
+    """`lr: 3e-2` is a string to YAML 1.1; a float field still takes it as a number."""
+    text = NextGPTConfig.from_name("tiny").to_yaml().replace("init_tau: 0.1", "init_tau: 1e-1")
+    assert NextGPTConfig.from_yaml_text(text).input_projector.init_tau == 0.1
+    with pytest.raises(ValueError, match="init_tau: expected a number, got 'warm'"):
+        NextGPTConfig.from_yaml_text(text.replace("init_tau: 1e-1", "init_tau: warm"))
