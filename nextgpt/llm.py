@@ -24,15 +24,7 @@ from transformers import (
 from nextgpt.config import LLMConfig, LoraSettings, SignalTokenConfig
 from nextgpt.signal_tokens import SignalTokens
 from nextgpt.tokenizer import train_bpe_tokenizer
-from nextgpt.weights import realign
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
+from nextgpt.weights import realign, torch_dtype
 
 
 class LanguageModel(nn.Module):

@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import torch
 
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def torch_dtype(name: str, what: str = "dtype") -> torch.dtype:
+    """The torch dtype a config names; `what` says which field, for the error."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown {what} {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
 
 def realign(module: torch.nn.Module) -> torch.nn.Module:
     """Copy parameters and buffers that a memory-mapped load left at unaligned addresses.

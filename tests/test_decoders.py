@@ -362,3 +362,10 @@ def test_build_decoder_dispatches_on_modality():
         build_decoder(DecoderConfig("depth"))
     with pytest.raises(ValueError, match="modality 'audio'"):
         AudioDecoder(tiny("image"))
+
+
+def test_unknown_dtype_fails_at_construction():
+    from nextgpt.decoders import build_decoder
+
+    with pytest.raises(ValueError, match="unknown decoder dtype 'float8'"):
+        build_decoder(tiny("image", dtype="float8"))

@@ -23,13 +23,7 @@ from huggingface_hub.errors import RemoteEntryNotFoundError
 
 from nextgpt.config import DecoderConfig
 from nextgpt.decoders.tiny import build_tiny_pipeline
-from nextgpt.weights import realign
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+from nextgpt.weights import realign, torch_dtype
 
 
 class Decoder(abc.ABC):
@@ -46,8 +40,7 @@ class Decoder(abc.ABC):
             raise ValueError(
                 f"{type(self).__name__} needs modality {self.modality!r}, got {config}"
             )
-        if config.dtype not in DTYPES:
-            raise ValueError(f"unknown decoder dtype {config.dtype!r}; known: {list(DTYPES)}")
+        torch_dtype(config.dtype, "decoder dtype")  # fail at construction, not at first use
         self.config = config
         self.seed = seed
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -73,7 +66,7 @@ class Decoder(abc.ABC):
         return self._pipeline
 
     def _load(self) -> DiffusionPipeline:
-        dtype = DTYPES[self.config.dtype]
+        dtype = torch_dtype(self.config.dtype)
         if self.config.pretrained is None:
             pipe = build_tiny_pipeline(self.modality, self.config.tiny, self.seed)
             if dtype != torch.float32:
