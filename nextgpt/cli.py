@@ -81,6 +81,7 @@ def run_generate(
 def write_reply(reply, out: Path) -> list[Path]:
     """Write the reply text and media (PNG, WAV, MP4) into `out`; returns the paths written."""
     from nextgpt import media as media_io
+    from nextgpt.decoders.video import OUTPUT_FPS
 
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "reply.txt"]
@@ -97,7 +98,7 @@ def write_reply(reply, out: Path) -> list[Path]:
             media_io.save_wav(item.data[0], item.data[1], path)
         else:
             path = out / f"video_{i}.mp4"
-            media_io.save_mp4(item.data, 8.0, path)
+            media_io.save_mp4(item.data, OUTPUT_FPS, path)
         written.append(path)
     return written
 

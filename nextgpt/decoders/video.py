@@ -10,6 +10,10 @@ from diffusers import TextToVideoSDPipeline
 
 from nextgpt.decoders.base import CrossAttentionDecoder, vae_latents
 
+# The frame rate generated videos are written at: text-to-video models return frames, no timing
+# (Zeroscope's clips are made at 8 fps).
+OUTPUT_FPS = 8.0
+
 
 class VideoDecoder(CrossAttentionDecoder):
     modality = "video"

@@ -26,10 +26,10 @@ from PIL import Image, UnidentifiedImageError
 
 from nextgpt import media as media_io
 from nextgpt.config import MODALITIES
+from nextgpt.decoders.video import OUTPUT_FPS
 from nextgpt.media import MediaError
 from nextgpt.serving.limits import LimitExceeded, Limits
 
-VIDEO_FPS = 8.0  # frame rate written into generated videos, as `nextgpt generate` does
 OUTPUT_FORMATS = {
     "image": ("png", "image/png"),
     "audio": ("wav", "audio/wav"),
@@ -227,7 +227,7 @@ def save_output(modality: str, data: Any, stem: Path) -> Path:
         return media_io.save_png(data, path)
     if modality == "audio":
         return media_io.save_wav(data[0], data[1], path)
-    return media_io.save_mp4(data, VIDEO_FPS, path)
+    return media_io.save_mp4(data, OUTPUT_FPS, path)
 
 
 def last_output_number(directory: Path) -> int:
@@ -249,7 +249,7 @@ def encode_output(modality: str, data: Any) -> EncodedMedia:
         info = {"sample_rate": data[1], "seconds": round(len(data[0]) / data[1], 3)}
     else:
         info = {"frames": len(data), "height": data.shape[1], "width": data.shape[2]}
-        info["fps"] = VIDEO_FPS
+        info["fps"] = OUTPUT_FPS
     return EncodedMedia(modality, payload, mime_type, fmt, info)
 
 
