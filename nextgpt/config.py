@@ -178,6 +178,9 @@ class TinyDecoderArch:
     layers_per_block: int = 1
     latent_channels: int = 4
     vae_channels: tuple[int, ...] = (32, 64)
+    # GroupNorm groups in the autoencoder and UNet (diffusers' default 32). On 32 channels, 32
+    # groups normalise each channel alone and wash out colour: 8 kept it (docs/mini-design.md)
+    norm_groups: int = 32
     sample_size: int = 32  # pixels (image, video); audio length is set by the vocoder's hop
     text_width: int = 32
     text_layers: int = 2

@@ -369,3 +369,14 @@ def test_unknown_dtype_fails_at_construction():
 
     with pytest.raises(ValueError, match="unknown decoder dtype 'float8'"):
         build_decoder(tiny("image", dtype="float8"))
+
+
+def test_norm_groups_reach_the_autoencoder_and_unet():
+    from nextgpt.config import TinyDecoderArch
+    from nextgpt.decoders.tiny import build_tiny_pipeline
+
+    arch = dataclasses.replace(tiny_config().decoders["image"].tiny, norm_groups=8)
+    assert isinstance(arch, TinyDecoderArch)
+    pipe = build_tiny_pipeline("image", arch, seed=0)
+    assert pipe.vae.config.norm_num_groups == 8 and pipe.unet.config.norm_num_groups == 8
+    assert pipe.vae.encoder.conv_norm_out.num_groups == 8

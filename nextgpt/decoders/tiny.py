@@ -82,6 +82,7 @@ def _vae(arch: TinyDecoderArch, channels: int) -> AutoencoderKL:
         layers_per_block=arch.layers_per_block,
         latent_channels=arch.latent_channels,
         sample_size=arch.sample_size,
+        norm_num_groups=arch.norm_groups,
     )
 
 
@@ -129,6 +130,7 @@ def _unet_kwargs(arch: TinyDecoderArch, dims: str) -> dict:
         layers_per_block=arch.layers_per_block,
         cross_attention_dim=arch.text_width,
         attention_head_dim=arch.text_heads,
+        norm_num_groups=arch.norm_groups,
     )
 
 
@@ -178,6 +180,7 @@ def _audio(arch: TinyDecoderArch) -> AudioLDMPipeline:
         class_embed_type="simple_projection",
         projection_class_embeddings_input_dim=arch.projection_dim,
         class_embeddings_concat=True,
+        norm_num_groups=arch.norm_groups,
     )
     tokenizer = roberta_char_tokenizer(arch.text_max_length)
     if arch.text_vocab < len(tokenizer):
