@@ -138,6 +138,22 @@ def test_text_only_and_jsonl(root):
     assert [t.role for t in result.samples[0].turns] == ["user", "assistant"]
 
 
+def test_jsonl_keeps_unicode_line_separators_inside_strings(root):
+    """U+2028 / U+0085 are legal unescaped in a JSON string; they used to split the record."""
+    record = {
+        "conversations": [
+            {"from": "human", "value": "one\u2028two\x85three"},
+            {"from": "gpt", "value": "ok\r"},
+        ]
+    }
+    path = root / "data.jsonl"
+    line = json.dumps(record, ensure_ascii=False)
+    path.write_text(f"{line}\r\n\n{line}\n", encoding="utf-8")
+    result = read_samples(path)
+    assert len(result.samples) == 2
+    assert result.samples[0].turns[0].parts[0].value == "one\u2028two\x85three"
+
+
 @pytest.mark.parametrize(
     ("record", "message"),
     [
@@ -145,6 +161,10 @@ def test_text_only_and_jsonl(root):
         (
             {"conversations": [{"from": "human", "value": "x"}, {"from": "bot", "value": "y"}]},
             "turn 1: unknown 'from' 'bot'",
+        ),
+        (  # an unhashable role was a TypeError that skip_bad could not skip
+            {"conversations": [{"from": ["human"], "value": "x"}, {"from": "gpt", "value": "y"}]},
+            "turn 0: unknown 'from' \\['human'\\]",
         ),
         ({"conversations": [{"from": "human", "value": 3}]}, "turn 0: 'value' must be a string"),
         ({"conversations": [{"from": "human", "value": "hi"}]}, "no gpt turn"),
@@ -203,3 +223,7 @@ def test_not_a_list_names_the_file(root):
         read_samples(path)
     with pytest.raises(DataError, match="data file not found"):
         read_samples(root / "nope.json")
+    latin1 = root / "latin1.jsonl"  # was a UnicodeDecodeError naming no file
+    latin1.write_bytes('{"conversations": [{"value": "caf\xe9"}]}'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.jsonl: not UTF-8 text \(byte 33"):
+        read_samples(latin1)

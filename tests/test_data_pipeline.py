@@ -104,6 +104,99 @@ def test_bad_record_in_a_shard(tiny_model, tmp_path):
     assert len(list(zip(range(4), stream))) == 4 and stream.skipped >= 1
 
 
+def test_broken_jsonl_line_is_packed_as_a_bad_record(tiny_model, tmp_path):
+    """pack_shards used to crash with 'Object of type _BadJSON is not JSON serializable'."""
+    data = tmp_path / "d.jsonl"
+    good = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}
+    data.write_text(f"{json.dumps(good)}\n{{broken\n{json.dumps(good)}\n")
+    (shard,) = pack_shards(data, tmp_path / "s")
+    encoder = SampleEncoder.for_model(tiny_model)
+    with pytest.raises(DataError, match=r"sample 000000001: not valid JSON"):
+        list(zip(range(3), ShardStream([str(shard)], encoder, batch_size=1)))
+    stream = ShardStream([str(shard)], encoder, batch_size=1, skip_bad=True)
+    assert len(list(zip(range(4), stream))) == 4 and stream.skipped >= 1
+
+
+def test_resume_with_skip_bad_does_not_count_a_record_that_failed(tiny_model, tmp_path):
+    """A record that parses but whose media cannot be read is skipped (skip_bad) without being
+    yielded: a resume must not count it as a consumed sample, or it starts one sample late."""
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+
+    def record(text: str, image: str | None = None) -> dict:
+        human = "<image> hi" if image else "hi"
+        turns = [{"from": "human", "value": human}, {"from": "gpt", "value": text}]
+        return {"conversations": turns, **({"image": image} if image else {})}
+
+    data = tmp_path / "d.json"
+    records = [record("zero"), record("bad", "broken.png"), *map(record, ["two", "three"])]
+    data.write_text(json.dumps(records))
+    (shard,) = pack_shards(data, tmp_path / "s")
+    encoder = SampleEncoder.for_model(tiny_model)
+    unbroken = ShardStream([str(shard)], encoder, batch_size=1, skip_bad=True)
+    streamed = [x.input_ids for _, x in zip(range(3), unbroken)]  # zero, two, three
+    resumed = ShardStream([str(shard)], encoder, batch_size=1, skip_batches=2, skip_bad=True)
+    assert next(iter(resumed)).input_ids == streamed[2]
+
+
+def test_collect_captions_from_shards_names_or_skips_a_bad_sample(tmp_path):
+    """`embed-captions` on shards: broken JSON was a JSONDecodeError traceback, and a bad record
+    stopped it even with skip_bad_records."""
+    from nextgpt.training.command import collect_captions
+    from nextgpt.training.config import DataConfig, DataSource
+
+    good = {
+        "image_captions": ["a red square"],
+        "conversations": [{"from": "human", "value": "draw"}, {"from": "gpt", "value": "<image>"}],
+    }
+    data = tmp_path / "d.jsonl"
+    data.write_text(f"{json.dumps(good)}\n{{broken\n{json.dumps({'conversations': []})}\n")
+    (shard,) = pack_shards(data, tmp_path / "s")
+    sources = (DataSource(str(shard)),)
+    with pytest.raises(DataError, match=r"sample 000000001: not valid JSON"):
+        collect_captions(sources, DataConfig())
+    captions = collect_captions(sources, DataConfig(skip_bad_records=True))
+    assert captions == {"image": ["a red square"]}
+
+
+def test_unreadable_caption_embedding_file_is_a_named_bad_record(tiny_model, tmp_path):
+    """A pickled or corrupt .npy / .safetensors was a bare ValueError / SafetensorError that named
+    neither the record nor the file, and skip_bad could not skip it."""
+    (tmp_path / "e.npy").write_bytes(b"not an npy file")
+    (tmp_path / "e.safetensors").write_bytes(b"not safetensors")
+    encoder = SampleEncoder.for_model(tiny_model)
+    turns = [{"from": "human", "value": "draw"}, {"from": "gpt", "value": "<image>"}]
+    for name in ("e.npy", "e.safetensors"):
+        record = {"image_caption_embeddings": name, "conversations": turns}
+        data = tmp_path / "d.json"
+        data.write_text(json.dumps([record]))
+        (sample,) = read_samples(data).samples
+        with pytest.raises(DataError, match=rf"d\.json: record 0: .*{name}: cannot read caption"):
+            encoder(sample)
+
+
+def test_a_shard_record_cannot_read_files_outside_its_sample(tiny_model, tmp_path):
+    """Media paths in a shard name the sample's members; an absolute or ../ path used to read
+    any file of the training machine."""
+    import io
+    import tarfile
+
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"secret")
+    shard = tmp_path / "evil.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, path in enumerate([str(outside), "../../outside.png"]):
+            turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]
+            payload = json.dumps({"image": path, "conversations": turns}).encode()
+            info = tarfile.TarInfo(f"{i:06d}.json")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    encoder = SampleEncoder.for_model(tiny_model)
+    with pytest.raises(DataError, match=r"sample 000000: .*outside\.png is not a member"):
+        next(iter(ShardStream([str(shard)], encoder, batch_size=1)))
+    stream = ShardStream([str(shard)], encoder, batch_size=1, skip_bad=True)
+    assert list(stream._parsed(str(shard))) == [] and stream.skipped == 2  # both are bad
+
+
 def test_caption_embeddings_are_the_decoders_own_and_computed_once(tiny_model, tmp_path):
     store = CaptionEmbeddingStore(tmp_path / "embed")
     captions = {"image": ["a red square", "a blue square", "a red square"], "audio": ["a hum"]}

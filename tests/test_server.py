@@ -571,3 +571,17 @@ def test_serve_command_starts_and_refuses_bad_arguments():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_uploaded_file_with_a_non_ascii_name_downloads(tiny_model):
+    """The stored name goes into Content-Disposition (latin-1): a unicode name used to fail the
+    download with a 400 'latin-1 codec can't encode' after the upload had succeeded."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(tiny_model, "tiny", LIMITS)) as client:
+        uploaded = client.post("/v1/files", files={"file": ("日本 ü.png", b"\x89PNG", "image/png")})
+        assert uploaded.status_code == 200
+        assert uploaded.json()["filename"].isascii()
+        got = client.get(f"/v1/files/{uploaded.json()['id']}")
+        assert got.status_code == 200 and got.content == b"\x89PNG"
+        assert got.headers["content-type"] == "image/png"

@@ -92,3 +92,15 @@ def test_stage3_adds_lora_and_records_it_in_the_config(base_model):
     apply_stage(model, get_stage(3), LoraSettings(r=2, alpha=4, dropout=0.0))
     assert model.llm.has_lora and model.config.llm.lora.r == 2
     assert any(k.startswith("llm.lora.") for k in model.trainable_state_dict())
+
+
+def test_signal_row_mask_follows_the_gradient_to_another_device():
+    """accelerate moves the model after `apply_stage` (CPU -> cuda:rank keeps the parameter and
+    its hook): the row mask, built on the weight's first device, must follow the gradient."""
+    from nextgpt.training.stages import _mask_rows
+
+    weight = torch.nn.Parameter(torch.ones(4, 2))
+    _mask_rows(weight, [1, 3])
+    (hook,) = weight._backward_hooks.values()
+    assert hook(torch.ones(4, 2)).tolist() == [[0, 0], [1, 1], [0, 0], [1, 1]]
+    assert hook(torch.ones(4, 2, device="meta")).device.type == "meta"  # no device mismatch

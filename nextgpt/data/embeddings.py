@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nextgpt.data.formats import DataError
@@ -126,16 +126,19 @@ def precompute(
 
 def load_embedding_file(path: Path) -> torch.Tensor:
     """A record's own caption embedding file: `.npy` (no pickles) or a one-tensor safetensors."""
-    if path.suffix == ".npy":
-        tensor = torch.from_numpy(np.load(path, allow_pickle=False)).float()
-    elif path.suffix == ".safetensors":
-        with safe_open(path, "pt") as f:
-            keys = list(f.keys())
-            if len(keys) != 1:
-                raise DataError(f"{path}: expected one tensor, found {len(keys)}")
-            tensor = f.get_tensor(keys[0]).float()
-    else:
+    if path.suffix not in (".npy", ".safetensors"):
         raise DataError(f"{path}: caption embeddings must be .npy or .safetensors")
+    try:  # a broken file is a bad record (named, skippable), not a crash
+        if path.suffix == ".npy":
+            tensor = torch.from_numpy(np.load(path, allow_pickle=False)).float()
+        else:
+            with safe_open(path, "pt") as f:
+                keys = list(f.keys())
+                tensor = f.get_tensor(keys[0]).float() if len(keys) == 1 else None
+    except (OSError, ValueError, TypeError, SafetensorError) as e:
+        raise DataError(f"{path}: cannot read caption embeddings ({e})") from e
+    if tensor is None:
+        raise DataError(f"{path}: expected one tensor, found {len(keys)}")
     # the reference code stores (1, L, D) for SD and (D,) for AudioLDM: make both (L, D)
     if tensor.dim() == 3 and tensor.shape[0] == 1:
         tensor = tensor[0]

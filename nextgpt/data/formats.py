@@ -82,16 +82,21 @@ def read_records(path: str | Path) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from e
     if path.suffix == ".jsonl":
         records: list[Any] = []
-        for i, line in enumerate(text.splitlines()):
+        # JSON Lines ends lines with \n only: `splitlines` would also cut at U+2028, U+0085, ...
+        # which JSON allows unescaped inside strings
+        for i, line in enumerate(text.split("\n")):
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                records.append(_BadJSON(f"line {i + 1} is not valid JSON ({e.msg})"))
+                records.append(_BadJSON(f"line {i + 1} is not valid JSON ({e.msg})", line))
         return records
     try:
         data = json.loads(text)
@@ -105,6 +110,7 @@ def read_records(path: str | Path) -> list[Any]:
 @dataclass
 class _BadJSON:
     reason: str
+    line: str = ""  # the text as read, so that `pack_shards` can pass the bad record on
 
 
 def read_samples(
@@ -183,9 +189,10 @@ def _turns(raw: Any, key: str, ctx: _Context) -> list[tuple[int, str, str, dict]
     for t, turn in enumerate(raw):
         if not isinstance(turn, dict):
             ctx.fail(f"turn {t}: expected an object with 'from' and 'value'")
-        role = ROLES.get(turn.get("from"))
+        sender = turn.get("from")
+        role = ROLES.get(sender) if isinstance(sender, str) else None
         if role is None:
-            ctx.fail(f"turn {t}: unknown 'from' {turn.get('from')!r}; use human or gpt")
+            ctx.fail(f"turn {t}: unknown 'from' {sender!r}; use human or gpt")
         if not isinstance(turn.get("value"), str):
             ctx.fail(f"turn {t}: 'value' must be a string, got {turn.get('value')!r}")
         out.append((t, role, turn["value"], turn))

@@ -23,10 +23,18 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from nextgpt.batch import OutputTarget
 from nextgpt.config import MODALITIES
 from nextgpt.conversation import EncodedConversation
 from nextgpt.data.dataset import SampleEncoder
-from nextgpt.data.formats import DataError, Sample, parse_record, path_keys, read_records
+from nextgpt.data.formats import (
+    DataError,
+    Sample,
+    _BadJSON,
+    parse_record,
+    path_keys,
+    read_records,
+)
 
 logger = logging.getLogger(__name__)
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -75,6 +83,8 @@ class ShardStream(IterableDataset):
 
     `skip` samples (this process's share of what a resumed run already consumed) are read and
     dropped without loading their media, so a resume sees the same stream an unbroken run would.
+    With `skip_bad` they are encoded too (slower): a record whose media fail to load was skipped,
+    not consumed, so only samples that encode count.
     """
 
     def __init__(
@@ -111,7 +121,7 @@ class ShardStream(IterableDataset):
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             for index in torch.randperm(len(mine), generator=generator).tolist():
                 for sample in self._parsed(mine[index]):
-                    if skip:
+                    if skip and not self.skip_bad:
                         skip -= 1
                         continue
                     try:
@@ -120,6 +130,9 @@ class ShardStream(IterableDataset):
                         if not self.skip_bad:
                             raise
                         self._skip(e)
+                        continue
+                    if skip:  # with skip_bad only a sample that encodes was ever consumed
+                        skip -= 1
                         continue
                     yield encoded
             epoch += 1
@@ -140,6 +153,7 @@ class ShardStream(IterableDataset):
                     except json.JSONDecodeError as e:
                         raise DataError(f"{where}: not valid JSON ({e.msg})") from e
                     sample = parse_record(record, Path(tmp), where)
+                    _check_members(sample, Path(tmp), where)
                 except DataError as e:
                     if not self.skip_bad:
                         raise
@@ -150,6 +164,19 @@ class ShardStream(IterableDataset):
     def _skip(self, error: DataError) -> None:
         self.skipped += 1
         logger.warning("skipped a bad record (%d so far in this reader): %s", self.skipped, error)
+
+
+def _check_members(sample: Sample, folder: Path, where: str) -> None:
+    """A shard's record may name only its sample's own members: no absolute or `../` paths that
+    would read files of the machine that trains."""
+    folder = folder.resolve()
+    for turn in sample.turns:
+        for part in turn.parts:
+            value = part.value
+            paths = [value.media, value.embedding] if isinstance(value, OutputTarget) else [value]
+            for path in paths:
+                if isinstance(path, Path) and not path.resolve().is_relative_to(folder):
+                    raise DataError(f"{where}: {path} is not a member of the sample")
 
 
 def pack_shards(
@@ -172,8 +199,11 @@ def pack_shards(
             for i, record in enumerate(records[start : start + per_shard], start):
                 key = f"{i:09d}"
                 members: dict[str, bytes] = {}
-                record = _relink(record, key, root, members, f"{data}: record {i}")
-                members[f"{key}.json"] = json.dumps(record).encode()
+                if isinstance(record, _BadJSON):  # a broken JSON line stays a bad record
+                    members[f"{key}.json"] = record.line.encode()
+                else:
+                    record = _relink(record, key, root, members, f"{data}: record {i}")
+                    members[f"{key}.json"] = json.dumps(record).encode()
                 for name, payload in members.items():
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)

@@ -496,7 +496,8 @@ def create_app(
         data = await file.read()
         if not data:
             raise APIError(400, "the uploaded file is empty", "file")
-        filename = re.sub(r"[^\w.\-]", "_", file.filename or "upload")  # safe in a header
+        # ASCII only: the name goes into a Content-Disposition header, which must be latin-1
+        filename = re.sub(r"[^\w.\-]", "_", file.filename or "upload", flags=re.ASCII)
         mime_type = file.content_type
         if not mime_type or mime_type == "application/octet-stream":
             mime_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"

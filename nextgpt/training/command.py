@@ -120,7 +120,7 @@ def collect_captions(
     sources: tuple[DataSource, ...], data_config: DataConfig
 ) -> dict[str, list[str]]:
     """Every output caption of the data, per modality, in order of first appearance."""
-    from nextgpt.data.formats import Sample, parse_record, read_samples
+    from nextgpt.data.formats import DataError, Sample, parse_record, read_samples
     from nextgpt.data.shards import expand_shards, is_shards, iter_shard
 
     out: dict[str, dict[str, None]] = {}
@@ -140,9 +140,18 @@ def collect_captions(
             continue
         for shard in expand_shards(source.path):
             for key, files in iter_shard(shard):
-                if f"{key}.json" in files:
-                    record = json.loads(files[f"{key}.json"])
-                    add(parse_record(record, Path("."), f"{shard}: {key}", check_files=False))
+                if f"{key}.json" not in files:
+                    continue
+                where = f"{shard}: sample {key}"
+                try:
+                    try:
+                        record = json.loads(files[f"{key}.json"])
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{where}: not valid JSON ({e.msg})") from e
+                    add(parse_record(record, Path("."), where, check_files=False))
+                except DataError:
+                    if not data_config.skip_bad_records:
+                        raise
     return {m: list(c) for m, c in out.items()}
 
 

@@ -134,10 +134,11 @@ def apply_stage(model: nn.Module, stage: Stage, lora: LoraSettings | None = None
 
 
 def _mask_rows(weight: nn.Parameter, rows: list[int]) -> None:
-    """Zero the gradient of every row but `rows`, before it reaches `.grad` or a DDP reduction."""
+    """Zero the gradient of every row but `rows`, before it reaches `.grad` or a DDP reduction.
+    The mask follows the gradient's device: the model may be moved after this (accelerate)."""
     mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
     mask[rows] = 1
-    weight.register_hook(lambda grad: grad * mask.to(grad.dtype))
+    weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
 
 
 def set_train_mode(model: nn.Module, plan: StagePlan) -> None:
