@@ -160,6 +160,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "nextgpt.serving.command",
     "nextgpt.web",
     "nextgpt.training.command",
+    "nextgpt.mini.build",
 )
 
 

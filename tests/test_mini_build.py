@@ -1,0 +1,115 @@
+"""`nextgpt mini build`: the smoke build runs end to end, resumes part by part, and its image
+decoder loads as a decoder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from nextgpt.cli import main
+from nextgpt.config import DecoderConfig
+from nextgpt.decoders import build_decoder
+from nextgpt.mini import build as mini_build
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> Path:
+    """One smoke build shared by the tests; tests that change it work on a copy."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("mini") / "build"
+    mini_build.build(out, "smoke", progress=False)
+    return out
+
+
+def _replace_run(monkeypatch, name: str, run) -> None:
+    parts = tuple(
+        dataclasses.replace(p, run=run) if p.name == name else p for p in mini_build.PARTS
+    )
+    monkeypatch.setattr(mini_build, "PARTS", parts)
+
+
+def test_smoke_build_writes_every_part(smoke):
+    for name in mini_build.PART_NAMES:
+        done = json.loads((smoke / name / mini_build.DONE).read_text())
+        assert done["part"] == name and done["scale"] == "smoke"
+    assert (smoke / "data" / "train" / "mosit.json").is_file()
+    assert (smoke / "data" / "heldout" / "manifest.json").is_file()
+    assert (smoke / "judges" / "image_judge.safetensors").is_file()
+    metrics = json.loads((smoke / "image-decoder" / mini_build.DONE).read_text())["metrics"]
+    for split in ("train", "heldout"):
+        assert set(metrics["generations"][split]) == {"shape", "colour", "size"}
+        assert set(metrics["autoencoder"][split]) == {"shape", "colour", "size", "mse"}
+
+
+def test_rerun_skips_finished_parts(smoke, monkeypatch):
+    before = {n: (smoke / n / mini_build.DONE).stat().st_mtime_ns for n in mini_build.PART_NAMES}
+    records = {n: json.loads((smoke / n / mini_build.DONE).read_text()) for n in before}
+
+    def fail(ctx):
+        raise AssertionError(f"{ctx.folder.name} ran again")
+
+    for name in mini_build.PART_NAMES:
+        _replace_run(monkeypatch, name, fail)
+    assert mini_build.build(smoke, "smoke", progress=False) == records
+    after = {n: (smoke / n / mini_build.DONE).stat().st_mtime_ns for n in mini_build.PART_NAMES}
+    assert after == before
+
+
+def test_interrupted_part_leaves_no_marker_and_reruns(smoke, tmp_path, monkeypatch):
+    out = tmp_path / "build"
+    shutil.copytree(smoke, out)
+    shutil.rmtree(out / "data")
+    judges_done = (out / "judges" / mini_build.DONE).stat().st_mtime_ns
+
+    def interrupted(ctx):
+        (ctx.folder / "half-written.json").write_text("{")
+        raise RuntimeError("killed mid-part")
+
+    _replace_run(monkeypatch, "data", interrupted)
+    with pytest.raises(RuntimeError, match="mid-part"):
+        mini_build.build(out, "smoke", progress=False)
+    assert not (out / "data" / mini_build.DONE).exists()
+    monkeypatch.undo()
+    records = mini_build.build(out, "smoke", progress=False)
+    assert (out / "data" / mini_build.DONE).is_file()
+    assert not (out / "data" / "half-written.json").exists()  # the part restarted clean
+    assert records["data"]["metrics"]["train"]["mosit.json"] == 7
+    assert (out / "judges" / mini_build.DONE).stat().st_mtime_ns == judges_done
+
+
+def test_image_decoder_loads_and_generates(smoke):
+    decoder = build_decoder(
+        DecoderConfig(modality="image", pretrained=str(smoke / "image-decoder" / "pipeline")),
+        device="cpu",
+    )
+    assert decoder.conditioning_shape() == (48, 32)
+    cond = decoder.encode_text(["a small red circle"])
+    (image,) = decoder.generate(cond, steps=2, guidance=2.0)
+    assert isinstance(image, Image.Image) and image.size == (32, 32)
+
+
+def test_only_builds_one_part(tmp_path):
+    out = tmp_path / "build"
+    assert main(["mini", "build", "--out", str(out), "--scale", "smoke", "--only", "data"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["data"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--only", "nope"], "unknown part 'nope' for --only"),
+        (["--scale", "huge"], "unknown --scale 'huge'"),
+        (["--only", "image-decoder"], "needs judges built first"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+    code = main(["mini", "build", "--out", str(tmp_path / "b"), "--scale", "smoke", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err
