@@ -55,6 +55,10 @@ class SignalGuide:
     def in_group(self) -> bool:
         return self._group is not None
 
+    def group_of(self, token: int) -> str | None:
+        """The modality whose group `token` continues or starts; None for a text token."""
+        return self._group or self.signal.start_ids.get(token)
+
     @property
     def pending(self) -> list[str]:
         return [m for m in sorted(self.required) if m not in self.produced]

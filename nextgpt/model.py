@@ -419,13 +419,13 @@ class NextGPT(nn.Module):
             if token is None:
                 break
             generated.append(token)
-            is_signal = guide.in_group or token in self.llm.signal.start_ids
+            modality = guide.group_of(token)
+            is_signal = modality is not None
             token_embed = self.llm.embed(torch.tensor([[token]], device=self.device))
             logits, hidden, cache = self.llm(
                 token_embed, cache=cache, output_hidden_states=is_signal
             )
             if is_signal:
-                modality = guide._group or self.llm.signal.start_ids[token]
                 signal_states.setdefault(modality, []).append((hidden[0, -1], token_embed[0, -1]))
                 guide.advance(token)
                 continue
