@@ -128,7 +128,13 @@ class NextGPT(nn.Module):
         for m in config.output_modalities:
             dec_cfg = config.decoders[m]
             decoder = build_decoder(dec_cfg, seed=config.seed + 3)
-            cond_len, cond_dim = decoder.conditioning_shape()
+            if dec_cfg.cond_len is not None and dec_cfg.cond_dim is not None:
+                # a recorded shape builds the projector without reading the decoder, which may not
+                # exist yet (nextgpt-mini's stage 1 trains while its decoders pretrain); the
+                # decoder checks it against its own config when it first loads
+                cond_len, cond_dim = dec_cfg.cond_len, dec_cfg.cond_dim
+            else:
+                cond_len, cond_dim = decoder.conditioning_shape()
             dec_cfg.cond_len, dec_cfg.cond_dim = cond_len, cond_dim
             decoders[m] = decoder
             torch.manual_seed(config.seed + 10 + MODALITIES.index(m))
@@ -155,17 +161,19 @@ class NextGPT(nn.Module):
         """A preset name (`tiny`, ...), a directory written by `save_pretrained` (or a training
         run directory, whose latest checkpoint is taken), or a model config YAML file."""
         from nextgpt.config import PRESETS
+        from nextgpt.shipped import SHIPPED_MODELS, shipped_model_dir
 
         if str(name_or_dir) in PRESETS:
             return cls.from_config(NextGPTConfig.from_name(str(name_or_dir)))
-        directory = Path(name_or_dir)
+        directory = shipped_model_dir(str(name_or_dir)) or Path(name_or_dir)
         if directory.suffix in (".yaml", ".yml") and directory.is_file():
             return cls.from_config(NextGPTConfig.from_yaml(directory))
         if (directory / LATEST_FILE).is_file():  # a training run: its latest checkpoint
             directory = directory / (directory / LATEST_FILE).read_text().strip()
         if not (directory / CONFIG_FILE).is_file():
             raise FileNotFoundError(
-                f"{name_or_dir}: not a preset ({', '.join(PRESETS)}), a model directory "
+                f"{name_or_dir}: not a preset ({', '.join(PRESETS)}), a shipped model "
+                f"({', '.join(SHIPPED_MODELS)}), a model directory "
                 f"with {CONFIG_FILE}, a training run, nor a model config YAML file"
             )
         config = NextGPTConfig.from_yaml(directory / CONFIG_FILE)

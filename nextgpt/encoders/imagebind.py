@@ -391,6 +391,10 @@ class ImageBindEncoder(nn.Module):
             model = cls(config)
         _check_state_dict(model, state, path)
         model.load_state_dict(state, strict=True, assign=True)
+        # the encoder runs in float32: weights shipped in half precision (nextgpt-mini) are upcast
+        # here, as transformers and diffusers do for their parts
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+            model = model.float()
         return realign(model)
 
     def save(self, path: str | Path) -> None:
