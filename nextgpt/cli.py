@@ -161,6 +161,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "nextgpt.web",
     "nextgpt.training.command",
     "nextgpt.mini.build",
+    "nextgpt.mini.evaluate",
 )
 
 
