@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from nextgpt.cli import main
+from nextgpt.cli import UsageError, main
 from nextgpt.config import DecoderConfig
 from nextgpt.decoders import build_decoder
 from nextgpt.mini import build as mini_build
@@ -97,7 +100,8 @@ def test_image_decoder_loads_and_generates(smoke):
 def test_only_builds_one_part(tmp_path):
     out = tmp_path / "build"
     assert main(["mini", "build", "--out", str(out), "--scale", "smoke", "--only", "data"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["data"]
+    assert sorted(p.name for p in out.iterdir()) == ["data", "logs"]
+    assert not list((out / "logs").iterdir())  # the part's lock is gone
 
 
 @pytest.mark.parametrize(
@@ -113,3 +117,68 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and message in err
+
+
+def test_packaged_model_is_self_contained_and_generates(smoke, tmp_path):
+    """The package holds every part (float16 on disk) and loads from anywhere as a model."""
+    package = tmp_path / "moved"
+    shutil.copytree(smoke / "package" / "nextgpt-mini", package)
+    config = (package / "config.yaml").read_text()
+    assert str(smoke) not in config  # relative paths only
+    from safetensors import safe_open
+
+    with safe_open(
+        str(package / "decoders" / "image" / "unet" / "diffusion_pytorch_model.safetensors"), "pt"
+    ) as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}  # noqa: SIM118
+    from nextgpt.model import NextGPT
+
+    model = NextGPT.from_pretrained(package)
+    assert {p.dtype for p in model.encoder.parameters()} == {torch.float32}  # upcast on load
+    reply = model.generate(
+        "Please draw a small red circle.", modalities=["image"], max_new_tokens=8
+    )
+    assert reply.images and reply.images[0].size == (32, 32)
+    assert sorted(p.name for p in (package / "judges").iterdir() if p.suffix == ".json") == [
+        "audio_judge.json",
+        "image_judge.json",
+        "video_judge.json",
+    ]
+
+
+def test_eval_part_writes_tables_with_the_ablation(smoke):
+    text = (smoke / "eval" / "eval.md").read_text()
+    assert "## nextgpt-mini (packaged, float16)" in text
+    assert "ablation: stage1 (input projector: grouping)" in text
+    assert "ablation: stage1-linear (input projector: linear)" in text
+    results = json.loads((smoke / "eval" / "results.json").read_text())
+    assert set(results["caption"]) == {"image", "audio", "video"}
+    stage1 = json.loads((smoke / "stage1" / mini_build.DONE).read_text())["metrics"]
+    assert stage1["last_loss"]["step"] == 2  # the smoke overrides reached the shipped recipe
+
+
+def test_parallel_build_skips_finished_parts_and_reruns_a_missing_one(smoke, tmp_path):
+    out = tmp_path / "build"
+    shutil.copytree(smoke, out)
+    before = json.loads((out / "eval" / mini_build.DONE).read_text())
+    (out / "package" / mini_build.DONE).unlink()
+    records = mini_build.build_parallel(out, "smoke", jobs=2)
+    assert (out / "package" / mini_build.DONE).is_file()
+    assert "package" in (out / "logs" / "package.log").read_text()  # its worker's progress
+    assert records["eval"] == before  # same hash: not rerun
+    assert not (out / "logs" / "eval.log").exists()
+
+
+def test_a_part_being_built_elsewhere_is_not_touched(smoke, tmp_path):
+    out = tmp_path / "build"
+    shutil.copytree(smoke, out)
+    shutil.rmtree(out / "data")
+    (out / "logs").mkdir(exist_ok=True)
+    (out / "logs" / "data.lock").write_text(str(os.getpid()))  # a live process holds it
+    with pytest.raises(UsageError, match="is being built by process"):
+        mini_build.build(out, "smoke", only="data", progress=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "logs" / "data.lock").write_text(str(dead.pid))  # stale: its process is gone
+    mini_build.build(out, "smoke", only="data", progress=False)
+    assert (out / "data" / mini_build.DONE).is_file() and not (out / "logs" / "data.lock").exists()

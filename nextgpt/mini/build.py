@@ -14,13 +14,17 @@ The training stack is imported only when a build runs, so registering the comman
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +32,13 @@ from nextgpt.cli import UsageError
 
 if TYPE_CHECKING:
     from nextgpt.mini.dialogues import DatasetSizes
+    from nextgpt.mini.evaluate import EvalSettings
     from nextgpt.mini.judges import JudgeTraining
+    from nextgpt.mini.pretrain_audio import AudioDecoderTraining
+    from nextgpt.mini.pretrain_encoder import EncoderTraining
     from nextgpt.mini.pretrain_image import ImageDecoderTraining
+    from nextgpt.mini.pretrain_llm import LLMTraining
+    from nextgpt.mini.pretrain_video import VideoDecoderTraining
     from nextgpt.mini.world import World
 
 DONE = "done.json"
@@ -50,6 +59,19 @@ class JudgeScale:
 
 
 @dataclass(frozen=True)
+class StageScale:
+    """`--key value` overrides applied over a stage's shipped YAML (none at full scale: the YAML
+    is the recipe)."""
+
+    overrides: tuple[str, ...] = ()
+
+
+SMOKE_STAGE = StageScale(
+    ("--max_steps", "2", "--batch_size", "2", "--log_every", "1", "--tensorboard", "false")
+)
+
+
+@dataclass(frozen=True)
 class Scale:
     """Every part's sizes and steps at one scale."""
 
@@ -57,6 +79,12 @@ class Scale:
     data: DataScale
     judges: JudgeScale
     image_decoder: ImageDecoderTraining
+    video_decoder: VideoDecoderTraining
+    audio_decoder: AudioDecoderTraining
+    encoder: EncoderTraining
+    llm: LLMTraining
+    stage: StageScale
+    eval: EvalSettings
 
 
 SCALE_NAMES = ("smoke", "full")
@@ -65,8 +93,13 @@ SCALE_NAMES = ("smoke", "full")
 def scales() -> dict[str, Scale]:
     """Every scale's settings (a function, so that the CLI need not import the training stack)."""
     from nextgpt.mini.dialogues import KINDS, DatasetSizes
+    from nextgpt.mini.evaluate import EvalSettings
     from nextgpt.mini.judges import JudgeTraining
+    from nextgpt.mini.pretrain_audio import AudioDecoderTraining
+    from nextgpt.mini.pretrain_encoder import EncoderTraining
     from nextgpt.mini.pretrain_image import ImageDecoderTraining
+    from nextgpt.mini.pretrain_llm import LLMTraining
+    from nextgpt.mini.pretrain_video import VideoDecoderTraining
 
     return {
         # seconds: proves every part runs end to end and writes what the next part reads
@@ -89,6 +122,12 @@ def scales() -> dict[str, Scale]:
                 eval_per_combo=1,
                 eval_steps=2,
             ),
+            video_decoder=VideoDecoderTraining.smoke(),
+            audio_decoder=AudioDecoderTraining.smoke(),
+            encoder=EncoderTraining.smoke(),
+            llm=LLMTraining.smoke(),
+            stage=SMOKE_STAGE,
+            eval=EvalSettings.quick(steps=2),
         ),
         # the budgets of docs/mini-design.md section 6
         "full": Scale(
@@ -99,6 +138,12 @@ def scales() -> dict[str, Scale]:
             ),
             judges=JudgeScale(JudgeTraining(), eval_samples=1000),
             image_decoder=ImageDecoderTraining(),
+            video_decoder=VideoDecoderTraining(),
+            audio_decoder=AudioDecoderTraining(),
+            encoder=EncoderTraining(),
+            llm=LLMTraining(),
+            stage=StageScale(),
+            eval=EvalSettings(),
         ),
     }
 
@@ -163,10 +208,177 @@ def build_image_decoder(ctx: Context) -> None:
     ctx.metrics.update(metrics)
 
 
+def build_video_decoder(ctx: Context) -> None:
+    from nextgpt.mini.judges import Judges
+    from nextgpt.mini.pretrain_video import pretrain_video_decoder
+
+    judge = Judges.load(ctx.part("judges"), ("video",)).judges["video"]
+    pipe, metrics = pretrain_video_decoder(ctx.world, judge, ctx.scale.video_decoder, ctx.progress)
+    pipe.save_pretrained(str(ctx.folder / "pipeline"))
+    ctx.metrics.update(metrics)
+
+
+def build_audio_decoder(ctx: Context) -> None:
+    from nextgpt.mini.judges import Judges
+    from nextgpt.mini.pretrain_audio import pretrain_audio_decoder
+
+    judge = Judges.load(ctx.part("judges"), ("audio",)).judges["audio"]
+    pipe, metrics = pretrain_audio_decoder(ctx.world, judge, ctx.scale.audio_decoder, ctx.progress)
+    pipe.save_pretrained(str(ctx.folder / "pipeline"))
+    ctx.metrics.update(metrics)
+
+
+def build_encoder(ctx: Context) -> None:
+    from nextgpt.mini.pretrain_encoder import pretrain_encoder
+
+    encoder, metrics = pretrain_encoder(ctx.world, ctx.scale.encoder, ctx.progress)
+    encoder.save(ctx.folder / ENCODER_FILE)
+    ctx.metrics.update(metrics)
+
+
+def build_llm(ctx: Context) -> None:
+    from nextgpt.mini.pretrain_llm import pretrain_llm
+
+    model, tokenizer, metrics = pretrain_llm(
+        ctx.world, ctx.part("data") / "train", ctx.scale.llm, ctx.progress
+    )
+    model.save_pretrained(str(ctx.folder / LLM_DIR))
+    tokenizer.save_pretrained(str(ctx.folder / LLM_DIR))
+    ctx.metrics.update(metrics)
+
+
+def stage_yaml(number: int) -> Path:
+    """The shipped training config of a stage: the recipe the build and `nextgpt train` share."""
+    return Path(__file__).resolve().parent.parent / "configs" / "train" / f"mini-stage{number}.yaml"
+
+
+def write_model_yaml(ctx: Context, projector: str) -> Path:
+    """The miniature's model config, pointing at this build's pretrained parts (absolute paths:
+    later stages and the packaging read it from other folders)."""
+    from nextgpt.mini.assemble import mini_config
+    from nextgpt.mini.pretrain_encoder import mini_encoder_config
+
+    s = ctx.scale
+    encoder = dataclasses.replace(
+        mini_encoder_config(), pretrained=str((ctx.part("encoder") / ENCODER_FILE).resolve())
+    )
+    arches = {"image": s.image_decoder.arch, "audio": s.audio_decoder.arch}
+    arches["video"] = s.video_decoder.arch
+    decoders = {
+        m: (str((ctx.part(f"{m}-decoder") / "pipeline").resolve()), arch)
+        for m, arch in arches.items()
+    }
+    llm = str((ctx.part("llm") / LLM_DIR).resolve())
+    path = ctx.folder / "model.yaml"
+    mini_config(encoder, llm, decoders, projector).to_yaml(path)
+    return path
+
+
+def train_stage(ctx: Context, number: int, model: Path) -> None:
+    """Run `nextgpt train` on the stage's shipped YAML, with this build's paths and the scale's
+    overrides; the run goes to `<part>/run`."""
+    import yaml
+
+    from nextgpt.training.config import TrainConfig
+    from nextgpt.training.trainer import train
+
+    recipe = stage_yaml(number)
+    data = yaml.safe_load(recipe.read_text())["data"]
+    for key in ("train", "eval"):  # the recipe's paths are relative to build/mini
+        for source in data.get(key, ()):
+            source["path"] = str(ctx.root / Path(source["path"]).relative_to("build/mini"))
+    overrides = ["--model", str(model), "--out_dir", str(ctx.folder / "run")]
+    overrides += ["--data", json.dumps(data), "--progress", str(ctx.progress).lower()]
+    result = train(TrainConfig.load(recipe, overrides + list(ctx.scale.stage.overrides)))
+    ctx.metrics["first_loss"] = result.history[0] if result.history else None
+    ctx.metrics["last_loss"] = result.history[-1] if result.history else None
+    ctx.metrics["evals"] = result.evals
+    ctx.metrics["checkpoint"] = str(result.checkpoint)
+
+
+def build_stage1(ctx: Context) -> None:
+    train_stage(ctx, 1, write_model_yaml(ctx, "grouping"))
+
+
+def build_stage1_linear(ctx: Context) -> None:
+    """The ablation: stage 1 with the linear input projector at the same budget."""
+    train_stage(ctx, 1, write_model_yaml(ctx, "linear"))
+
+
+def build_stage2(ctx: Context) -> None:
+    train_stage(ctx, 2, ctx.part("stage1") / "run")
+
+
+def build_stage3(ctx: Context) -> None:
+    train_stage(ctx, 3, ctx.part("stage2") / "run")
+
+
+def build_package(ctx: Context) -> None:
+    from nextgpt.mini.assemble import MINI_NAME, package_model
+
+    sizes = package_model(ctx.part("stage3") / "run", ctx.part("judges"), ctx.folder / MINI_NAME)
+    ctx.metrics["megabytes"] = sizes
+    ctx.metrics["total_megabytes"] = round(sum(sizes.values()), 2)
+
+
+def build_eval(ctx: Context) -> None:
+    """`nextgpt eval` on the packaged model (what ships, in float16), and the ablation: stage 1
+    with the grouping and with the linear input projector, on captions, at the same budget."""
+    from nextgpt.mini.assemble import MINI_NAME
+    from nextgpt.mini.evaluate import evaluate, format_table, load_judges
+    from nextgpt.model import NextGPT
+
+    package = ctx.part("package") / MINI_NAME
+    judges = load_judges(package / "judges")
+    settings = ctx.scale.eval
+    results = evaluate(NextGPT.from_pretrained(package), judges, ctx.world, settings, ctx.progress)
+    tables = ["## nextgpt-mini (packaged, float16)\n", format_table(results)]
+    understanding = dataclasses.replace(settings, routing=0, generations=0, ceiling=False)
+    ablation = {}
+    for name in ("stage1", "stage1-linear"):
+        model = NextGPT.from_pretrained(ctx.part(name) / "run")
+        ablation[name] = evaluate(model, None, ctx.world, understanding, ctx.progress)
+        tables += [
+            f"\n## ablation: {name} (input projector: {model.config.input_projector.kind})\n"
+        ]
+        tables += [format_table(ablation[name])]
+    for record in (results, *ablation.values()):
+        record.pop("items", None)  # kept in the JSON files below, not in done.json
+    (ctx.folder / "eval.md").write_text("".join(tables))
+    (ctx.folder / "results.json").write_text(json.dumps(results, indent=1))
+    (ctx.folder / "ablation.json").write_text(json.dumps(ablation, indent=1))
+    ctx.metrics.update(results=results, ablation=ablation)
+
+
+def _stage_settings(number: int) -> Callable[[Scale], Any]:
+    """A stage's hashed settings: the scale's overrides, the recipe's text, and the decoder
+    architectures recorded in the model config."""
+
+    def settings(s: Scale) -> dict[str, Any]:
+        arches = [s.image_decoder.arch, s.audio_decoder.arch, s.video_decoder.arch]
+        return {"stage": s.stage, "recipe": stage_yaml(number).read_text(), "arches": arches}
+
+    return settings
+
+
+ENCODER_FILE = "encoder.safetensors"
+LLM_DIR = "model"
+DECODERS = ("image-decoder", "video-decoder", "audio-decoder")
+
 PARTS: tuple[Part, ...] = (
     Part("data", build_data, lambda s: s.data),
     Part("judges", build_judges, lambda s: s.judges),
     Part("image-decoder", build_image_decoder, lambda s: s.image_decoder, needs=("judges",)),
+    Part("video-decoder", build_video_decoder, lambda s: s.video_decoder, needs=("judges",)),
+    Part("audio-decoder", build_audio_decoder, lambda s: s.audio_decoder, needs=("judges",)),
+    Part("encoder", build_encoder, lambda s: s.encoder),
+    Part("llm", build_llm, lambda s: s.llm, needs=("data",)),
+    Part("stage1", build_stage1, _stage_settings(1), needs=("data", "encoder", "llm")),
+    Part("stage1-linear", build_stage1_linear, _stage_settings(1), ("data", "encoder", "llm")),
+    Part("stage2", build_stage2, _stage_settings(2), needs=("stage1", *DECODERS)),
+    Part("stage3", build_stage3, _stage_settings(3), needs=("stage2",)),
+    Part("package", build_package, lambda s: {}, needs=("stage3", "judges")),
+    Part("eval", build_eval, lambda s: s.eval, needs=("package", "stage1", "stage1-linear")),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
 
@@ -176,10 +388,18 @@ def config_hash(part: Part, scale: Scale, seed: int, hashes: dict[str, str]) -> 
     payload = {
         "part": part.name,
         "seed": seed,
-        "settings": asdict(part.settings(scale)),
+        "settings": part.settings(scale),
         "needs": {n: hashes[n] for n in part.needs},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    text = json.dumps(payload, sort_keys=True, default=_plain)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """JSON form of the settings' dataclasses."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"cannot hash settings of type {type(value).__name__}")
 
 
 def read_done(folder: Path) -> dict[str, Any] | None:
@@ -228,12 +448,13 @@ def build(
     world = World(WorldConfig(seed=seed))
     for part in tqdm(todo, desc="mini build", unit="part", disable=not progress):
         folder = root / part.name
-        if folder.exists():  # a stale or interrupted run: start the part clean
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        ctx = Context(root, folder, settings, world, progress)
-        start = time.perf_counter()
-        part.run(ctx)
+        with part_lock(root, part.name):
+            if folder.exists():  # a stale or interrupted run: start the part clean
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            ctx = Context(root, folder, settings, world, progress)
+            start = time.perf_counter()
+            part.run(ctx)
         records[part.name] = {
             "part": part.name,
             "scale": scale,
@@ -245,6 +466,118 @@ def build(
     return records
 
 
+@contextlib.contextmanager
+def part_lock(root: Path, name: str) -> Iterator[None]:
+    """Hold `<root>/logs/<part>.lock` while a part runs, so that a second build of the same
+    directory (another `--only` process, say) cannot delete a part that is being built. A lock
+    whose process is gone is stale and taken over."""
+    lock = root / "logs" / f"{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                raise UsageError(
+                    f"part {name!r} of {root} is being built by process {pid}; wait for it, or "
+                    f"delete {lock} if that process is not a build"
+                ) from None
+            lock.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_parallel(
+    out: str | Path, scale: str = "full", seed: int = 0, jobs: int = 2
+) -> dict[str, dict[str, Any]]:
+    """Run the unfinished parts in up to `jobs` worker processes, each with one torch thread.
+
+    On 2 cores two 1-thread parts side by side do about 1.33x the work of one 2-thread part
+    (docs/mini-design.md 5D). A part starts as soon as its prerequisites are done, in the order of
+    `PARTS`. Each worker is `nextgpt mini build --only PART`, so resuming works as for a serial
+    build; its output goes to `<out>/logs/<part>.log`. A failed part stops the build once the
+    running parts end, with the tail of its log.
+    """
+    if scale not in SCALE_NAMES:
+        raise UsageError(f"unknown --scale {scale!r}; use {', '.join(SCALE_NAMES)}")
+    root = Path(out)
+    logs = root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    settings = scales()[scale]
+    hashes: dict[str, str] = {}
+    records: dict[str, dict[str, Any]] = {}
+    for part in PARTS:
+        hashes[part.name] = config_hash(part, settings, seed, hashes)
+        done = read_done(root / part.name)
+        if done is not None and done["config_hash"] == hashes[part.name]:
+            records[part.name] = done
+    pending = [p for p in PARTS if p.name not in records]
+    running: dict[str, subprocess.Popen] = {}
+    failed: list[str] = []
+    start = time.perf_counter()
+
+    def say(text: str) -> None:
+        print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {text}", flush=True)
+
+    while (pending and not failed) or running:
+        ready = [p for p in pending if all(n in records for n in p.needs)] if not failed else []
+        for part in ready[: jobs - len(running)]:
+            pending.remove(part)
+            command = [sys.executable, "-m", "nextgpt", "mini", "build", "--out", str(root)]
+            command += ["--scale", scale, "--only", part.name, "--seed", str(seed)]
+            command += ["--threads", "1", "--jobs", "1"]
+            with open(logs / f"{part.name}.log", "w") as log:
+                running[part.name] = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env=_one_thread_env()
+                )
+            say(f"started {part.name} (log: {logs / (part.name + '.log')})")
+        if not running:
+            break
+        time.sleep(1.0)
+        for name, process in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            done = read_done(root / name)
+            if process.returncode == 0 and done is not None:
+                records[name] = done
+                say(f"finished {name} in {done['seconds'] / 60:.1f} min")
+            else:
+                failed.append(name)
+                tail = (logs / f"{name}.log").read_text(errors="replace")[-2000:]
+                say(f"FAILED {name} (exit {process.returncode}); end of its log:\n{tail}")
+    if failed or pending:
+        what = f"failed: {', '.join(failed)}" if failed else "could not start"
+        left = ", ".join(p.name for p in pending)
+        raise UsageError(f"mini build stopped, {what}; not built: {left}")
+    return records
+
+
+def _one_thread_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     mini = sub.add_parser("mini", help="nextgpt-mini: the miniature trained from scratch")
     commands = mini.add_subparsers(dest="mini_command", required=True)
@@ -254,15 +587,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--only", default=None, help=f"build one part: {', '.join(PART_NAMES)}")
     b.add_argument("--seed", type=int, default=0, help="world seed")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    b.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="parts run side by side, one thread each (1: one after another in this process)",
+    )
     b.set_defaults(handler=_build)
 
 
 def _build(args: argparse.Namespace) -> int:
-    if args.threads:
-        import torch
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs > 1 and args.only is None:
+        records = build_parallel(args.out, args.scale, args.seed, args.jobs)
+    else:
+        if args.threads:
+            import torch
 
-        torch.set_num_threads(args.threads)
-    records = build(args.out, args.scale, args.only, args.seed)
+            torch.set_num_threads(args.threads)
+        records = build(args.out, args.scale, args.only, args.seed)
     for name, record in records.items():
         print(f"{name}: done in {record['seconds']} s -> {args.out / name}")
     return 0

@@ -40,7 +40,7 @@ class ImageDecoderTraining:
     text_steps: int = 300
     text_batch: int = 64
     text_lr: float = 2e-3
-    unet_steps: int = 3300
+    unet_steps: int = 2500
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup: int = 100
