@@ -145,6 +145,9 @@ def _generate(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance=args.guidance,
     )
+    # the reply on stderr, for the person at the terminal; stdout lists only the files written,
+    # one per line, for scripts
+    print(f"reply: {paths[0].read_text().strip()}", file=sys.stderr)
     for p in paths:
         print(p)
     return 0

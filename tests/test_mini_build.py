@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from nextgpt.cli import UsageError, main
@@ -149,8 +150,14 @@ def test_packaged_model_is_self_contained_and_generates(smoke, tmp_path):
 def test_eval_part_writes_tables_with_the_ablation(smoke):
     text = (smoke / "eval" / "eval.md").read_text()
     assert "## nextgpt-mini (packaged, float16)" in text
-    assert "ablation: stage1 (input projector: grouping)" in text
-    assert "ablation: stage1-linear (input projector: linear)" in text
+    assert "## ablation: input projector after stage 1, same budget" in text
+    assert "| image | shape |" in text.split("## ablation")[1]  # a row per attribute
+    grouping = yaml.safe_load((smoke / "stage1" / "model.yaml").read_text())
+    linear = yaml.safe_load((smoke / "stage1-linear" / "model.yaml").read_text())
+    assert (grouping["input_projector"]["kind"], linear["input_projector"]["kind"]) == (
+        "grouping",
+        "linear",
+    )
     results = json.loads((smoke / "eval" / "results.json").read_text())
     assert set(results["caption"]) == {"image", "audio", "video"}
     stage1 = json.loads((smoke / "stage1" / mini_build.DONE).read_text())["metrics"]

@@ -48,6 +48,16 @@ class Decoder(abc.ABC):
         self._shape: tuple[int, int] | None = None
         self._negative: torch.Tensor | None = None
 
+    @classmethod
+    def from_pipeline(
+        cls, config: DecoderConfig, pipeline: DiffusionPipeline, device: str | None = None
+    ) -> Decoder:
+        """A decoder around a pipeline already in memory, e.g. one being pretrained, so that
+        training targets come from the very code NExT-GPT later runs on it."""
+        decoder = cls(config, device=device)
+        decoder._pipeline = pipeline
+        return decoder
+
     # ---- loading ----------------------------------------------------------------------------
     @property
     def source(self) -> str:

@@ -509,7 +509,8 @@ def _alive(pid: int) -> bool:
 def build_parallel(
     out: str | Path, scale: str = "full", seed: int = 0, jobs: int = 2
 ) -> dict[str, dict[str, Any]]:
-    """Run the unfinished parts in up to `jobs` worker processes, each with one torch thread.
+    """Run the unfinished parts in up to `jobs` worker processes, each with one torch thread
+    (or all `jobs` threads when a part can only run alone, like the chain of stages at the end).
 
     On 2 cores two 1-thread parts side by side do about 1.33x the work of one 2-thread part
     (docs/mini-design.md 5D). A part starts as soon as its prerequisites are done, in the order of
@@ -542,12 +543,14 @@ def build_parallel(
         ready = [p for p in pending if all(n in records for n in p.needs)] if not failed else []
         for part in ready[: jobs - len(running)]:
             pending.remove(part)
+            # a part that runs alone (the stages at the end form a chain) gets every thread
+            threads = jobs if len(ready) == 1 and not running else 1
             command = [sys.executable, "-m", "nextgpt", "mini", "build", "--out", str(root)]
             command += ["--scale", scale, "--only", part.name, "--seed", str(seed)]
-            command += ["--threads", "1", "--jobs", "1"]
+            command += ["--threads", str(threads), "--jobs", "1"]
             with open(logs / f"{part.name}.log", "w") as log:
                 running[part.name] = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, env=_one_thread_env()
+                    command, stdout=log, stderr=subprocess.STDOUT, env=_thread_env(threads)
                 )
             say(f"started {part.name} (log: {logs / (part.name + '.log')})")
         if not running:
@@ -572,9 +575,10 @@ def build_parallel(
     return records
 
 
-def _one_thread_env() -> dict[str, str]:
+def _thread_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.update(TOKENIZERS_PARALLELISM="false")
     return env
 
 

@@ -553,10 +553,8 @@ def format_table(results: dict[str, Any]) -> str:
 def model_directory(model: str) -> Path:
     """Where `--model` lives on disk: a shipped model's package folder (`nextgpt-mini`, whose
     judges ship beside it), else the path as given."""
-    try:
-        from nextgpt.shipped import shipped_model_dir
-    except ImportError:  # a package without shipped models
-        return Path(model)
+    from nextgpt.shipped import shipped_model_dir
+
     try:
         return shipped_model_dir(model) or Path(model)
     except FileNotFoundError:  # not installed: loading the model reports it

@@ -129,9 +129,7 @@ def build_pipeline(t: AudioDecoderTraining) -> AudioLDMPipeline:
 def _mel_view(pipe: AudioLDMPipeline, arch: TinyDecoderArch) -> AudioDecoder:
     """An AudioDecoder bound to `pipe`, so training targets come from the very `log_mel` that
     NExT-GPT uses (it reads only the vocoder's config and the VAE's scale)."""
-    decoder = AudioDecoder(DecoderConfig(modality="audio", tiny=arch), device="cpu")
-    decoder._pipeline = pipe
-    return decoder
+    return AudioDecoder.from_pipeline(DecoderConfig(modality="audio", tiny=arch), pipe, "cpu")
 
 
 def _waves(samples: list[Any]) -> torch.Tensor:
