@@ -31,9 +31,13 @@ $(CHROMIUM):
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; \
 	else echo "no apt-get: install Chromium and run make with CHROMIUM=/path/to/chromium"; fi
 
+# The main job, on the shipped miniature (nextgpt-mini, the default model): it captions a picture
+# of its world, then answers one request with a generated picture, sound and video.
 run: install
-	$(BIN)/nextgpt generate "Describe this picture, then draw a picture, make a sound and a video of it." \
-		--image nextgpt/assets/example.png --want image,audio,video --out $(OUT)
+	$(BIN)/nextgpt generate "What is in the picture?" --image nextgpt/assets/mini-example.png \
+		--out $(OUT)/caption
+	$(BIN)/nextgpt generate "Please make a picture of a large red circle, a sound of a high buzzy \
+	tone pulsing fast and a video of a blue triangle moving left." --out $(OUT)/request
 
 test: install $(CHROMIUM)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nextgpt.config import MODALITIES
 
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "nextgpt-mini"  # shipped with the package (nextgpt/models/nextgpt-mini)
 
 
 class UsageError(Exception):

@@ -152,8 +152,8 @@ def test_eval_part_writes_tables_with_the_ablation(smoke):
     assert "## nextgpt-mini (packaged, float16)" in text
     assert "## ablation: input projector after stage 1, same budget" in text
     assert "| image | shape |" in text.split("## ablation")[1]  # a row per attribute
-    grouping = yaml.safe_load((smoke / "stage1" / "model.yaml").read_text())
-    linear = yaml.safe_load((smoke / "stage1-linear" / "model.yaml").read_text())
+    linear = yaml.safe_load((smoke / "stage1" / "model.yaml").read_text())  # the shipped one
+    grouping = yaml.safe_load((smoke / "stage1-grouping" / "model.yaml").read_text())
     assert (grouping["input_projector"]["kind"], linear["input_projector"]["kind"]) == (
         "grouping",
         "linear",

@@ -12,12 +12,14 @@ from __future__ import annotations
 import abc
 import gc
 import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import RemoteEntryNotFoundError
 
@@ -82,6 +84,8 @@ class Decoder(abc.ABC):
             if dtype != torch.float32:
                 pipe.to(dtype=dtype)
         else:
+            if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":  # the CLI sets it
+                diffusers_logging.disable_progress_bar()  # "Loading pipeline components..."
             pipe = self.pipeline_class.from_pretrained(self.config.pretrained, dtype=dtype)
         pipe.set_progress_bar_config(disable=True)
         for module in pipe.components.values():
