@@ -560,13 +560,14 @@ def test_serve_command_starts_and_refuses_bad_arguments():
                     break
             assert time.monotonic() < deadline, "nextgpt serve did not come up"
             time.sleep(0.2)
+        # the default model, served under its name
         reply = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            model="nextgpt-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
         assert reply.choices[0].message.content is not None
         with pytest.raises(openai.BadRequestError, match="max_tokens=17"):
             client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=17
+                model="nextgpt-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=17
             )
     finally:
         proc.terminate()
