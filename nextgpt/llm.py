@@ -19,6 +19,7 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from nextgpt.config import LLMConfig, LoraSettings, SignalTokenConfig
@@ -53,21 +54,7 @@ class LanguageModel(nn.Module):
         dtype = torch_dtype(config.dtype)
         if source is None:
             tokenizer = train_bpe_tokenizer(vocab_size=config.vocab_size)
-            torch.manual_seed(seed)
-            llama = LlamaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size,
-                num_hidden_layers=config.num_layers,
-                num_attention_heads=config.num_heads,
-                num_key_value_heads=config.num_heads,
-                max_position_embeddings=config.max_position,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-                tie_word_embeddings=False,
-            )
-            model = LlamaForCausalLM(llama).to(dtype)
+            model = random_llama(tokenizer, config, seed).to(dtype)
         else:
             tokenizer = AutoTokenizer.from_pretrained(source)
             kwargs: dict = {"dtype": dtype}
@@ -314,3 +301,25 @@ def quantization_config(kind: str):
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
     )
+
+
+def random_llama(
+    tokenizer: PreTrainedTokenizerBase, config: LLMConfig, seed: int
+) -> LlamaForCausalLM:
+    """A randomly initialised LLaMA with `config`'s architecture, sized to `tokenizer` (the tiny
+    preset's LLM, and nextgpt-mini's before its pretraining)."""
+    torch.manual_seed(seed)
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_position,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(llama)

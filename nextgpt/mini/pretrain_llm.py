@@ -24,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from nextgpt.config import LLMConfig
 from nextgpt.conversation import IGNORE_INDEX, ChatTemplate, get_template
+from nextgpt.llm import random_llama
 from nextgpt.mini.dialogues import KINDS, PLACEHOLDER, make_dialogue
 from nextgpt.mini.world import MODALITIES, World
 from nextgpt.tokenizer import train_bpe_tokenizer
@@ -160,21 +161,7 @@ def build_model(
     tokenizer: PreTrainedTokenizerFast, config: LLMConfig, seed: int
 ) -> LlamaForCausalLM:
     """A random LLaMA as `LanguageModel.from_config` builds one, sized to the tokenizer."""
-    torch.manual_seed(seed)
-    llama = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
-        max_position_embeddings=config.max_position,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(llama)
+    return random_llama(tokenizer, config, seed)
 
 
 def _batch(
