@@ -122,42 +122,59 @@ def _tokens(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor:
 def train_text_encoder(
     pipe: StableDiffusionPipeline, world: World, t: ImageDecoderTraining, progress: bool
 ) -> dict:
+    """The image decoder's CLIP text encoder, probed and frozen (`train_probed_text_encoder`)."""
+    return train_probed_text_encoder(
+        pipe, world, "image", t.text_steps, t.text_batch, t.text_lr, t.seed, progress
+    )
+
+
+def train_probed_text_encoder(
+    pipe: Any,
+    world: World,
+    modality: str,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    progress: bool = False,
+) -> dict:
     """Probe every attribute from the pooled and mean token states, on every wording of the train
-    combinations; then freeze. Returns the probes' accuracy on held-out canonical captions."""
+    combinations of `modality`; then freeze. Returns the probes' accuracy on held-out canonical
+    captions. The image and video decoders (both CLIP) share it."""
     encoder = pipe.text_encoder.train().requires_grad_(True)
-    attributes = world.attributes("image")
+    attributes = world.attributes(modality)
     width = encoder.config.hidden_size
     probes = nn.ModuleDict({a.name: nn.Linear(2 * width, len(a.values)) for a in attributes})
-    combos = world.combinations("image", "train")
+    combos = world.combinations(modality, "train")
     captions = [
         (template.format(**{a.name: a.phrase(c[a.name]) for a in attributes}), c)
         for c in combos
-        for template in TEMPLATES["image"]
+        for template in TEMPLATES[modality]
     ]
     ids = _tokens(pipe, [text for text, _ in captions])
     targets = {
         a.name: torch.tensor([a.values.index(c[a.name]) for _, c in captions]) for a in attributes
     }
 
-    def logits(batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = encoder(batch)
+    def logits(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = encoder(tokens)
         h = torch.cat([out.pooler_output, out.last_hidden_state.mean(1)], dim=-1)
         return {name: probe(h) for name, probe in probes.items()}
 
     params = list(encoder.parameters()) + list(probes.parameters())
-    opt = torch.optim.AdamW(params, lr=t.text_lr)
-    generator = torch.Generator().manual_seed(t.seed)
-    for _ in tqdm(range(t.text_steps), desc="image text encoder", disable=not progress):
-        idx = torch.randint(0, len(captions), (t.text_batch,), generator=generator)
+    opt = torch.optim.AdamW(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc=f"{modality} text encoder", disable=not progress):
+        idx = torch.randint(0, len(captions), (batch,), generator=generator)
         out = logits(ids[idx])
         loss = sum(F.cross_entropy(out[k], targets[k][idx]) for k in out)
         opt.zero_grad()
         loss.backward()
         opt.step()
     encoder.eval().requires_grad_(False)
-    heldout = world.combinations("image", "heldout")
+    heldout = world.combinations(modality, "heldout")
     with torch.no_grad():
-        out = logits(_tokens(pipe, [world.caption("image", c) for c in heldout]))
+        out = logits(_tokens(pipe, [world.caption(modality, c) for c in heldout]))
     scores = {}
     for a in attributes:
         hits = [a.values[i] == c[a.name] for i, c in zip(out[a.name].argmax(-1).tolist(), heldout)]

@@ -25,14 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import TextToVideoSDPipeline
-from torch import nn
 from tqdm import tqdm
 
 from nextgpt.config import TinyDecoderArch
 from nextgpt.decoders.tiny import build_tiny_pipeline
 from nextgpt.mini.judges import Judge
-from nextgpt.mini.pretrain_image import _tokens
-from nextgpt.mini.world import TEMPLATES, World
+from nextgpt.mini.pretrain_image import _tokens, train_probed_text_encoder
+from nextgpt.mini.world import World
 
 MODALITY = "video"
 
@@ -171,61 +170,6 @@ def judge_reconstructions(
     return metrics
 
 
-def train_text_encoder(
-    pipe: Any,
-    world: World,
-    modality: str,
-    steps: int,
-    batch: int,
-    lr: float,
-    seed: int,
-    progress: bool = False,
-) -> dict:
-    """Probe every attribute from the pooled and mean token states, on every wording of the train
-    combinations of `modality`; then freeze. Returns the probes' accuracy on held-out canonical
-    captions. (A modality-generic form of `pretrain_image.train_text_encoder`, which hard-codes
-    "image"; both CLIP decoders could share this one.)"""
-    encoder = pipe.text_encoder.train().requires_grad_(True)
-    attributes = world.attributes(modality)
-    width = encoder.config.hidden_size
-    probes = nn.ModuleDict({a.name: nn.Linear(2 * width, len(a.values)) for a in attributes})
-    combos = world.combinations(modality, "train")
-    captions = [
-        (template.format(**{a.name: a.phrase(c[a.name]) for a in attributes}), c)
-        for c in combos
-        for template in TEMPLATES[modality]
-    ]
-    ids = _tokens(pipe, [text for text, _ in captions])
-    targets = {
-        a.name: torch.tensor([a.values.index(c[a.name]) for _, c in captions]) for a in attributes
-    }
-
-    def logits(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = encoder(tokens)
-        h = torch.cat([out.pooler_output, out.last_hidden_state.mean(1)], dim=-1)
-        return {name: probe(h) for name, probe in probes.items()}
-
-    params = list(encoder.parameters()) + list(probes.parameters())
-    opt = torch.optim.AdamW(params, lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc=f"{modality} text encoder", disable=not progress):
-        idx = torch.randint(0, len(captions), (batch,), generator=generator)
-        out = logits(ids[idx])
-        loss = sum(F.cross_entropy(out[k], targets[k][idx]) for k in out)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    encoder.eval().requires_grad_(False)
-    heldout = world.combinations(modality, "heldout")
-    with torch.no_grad():
-        out = logits(_tokens(pipe, [world.caption(modality, c) for c in heldout]))
-    scores = {}
-    for a in attributes:
-        hits = [a.values[i] == c[a.name] for i, c in zip(out[a.name].argmax(-1).tolist(), heldout)]
-        scores[a.name] = round(float(np.mean(hits)), 4)
-    return scores
-
-
 def _eval_combos(world: World, split: str, count: int) -> list[dict[str, str]]:
     """`count` combinations spread evenly over the split's fixed order (0: all of them), so a
     cheap evaluation still covers every shape, colour and direction."""
@@ -357,7 +301,7 @@ def pretrain_video_decoder(
         metrics["autoencoder"]["final_loss"] = round(float(np.mean(losses[-20:])), 4)
         metrics["autoencoder"]["seconds"] = round(time.perf_counter() - start, 1)
         start = time.perf_counter()
-        probes = train_text_encoder(
+        probes = train_probed_text_encoder(
             pipe, world, MODALITY, t.text_steps, t.text_batch, t.text_lr, t.seed, progress
         )
         metrics["text_encoder"] = {
