@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -198,34 +199,23 @@ def build_judges(ctx: Context) -> None:
         }
 
 
-def build_image_decoder(ctx: Context) -> None:
-    from nextgpt.mini.judges import Judges
-    from nextgpt.mini.pretrain_image import pretrain_image_decoder
+def decoder_part(modality: str) -> Callable[[Context], None]:
+    """The run of the `<modality>-decoder` part: `pretrain_<modality>_decoder` from
+    `nextgpt/mini/pretrain_<modality>.py`, judged by that modality's judge, saved in diffusers'
+    layout under `pipeline/`."""
 
-    judge = Judges.load(ctx.part("judges"), ("image",)).judges["image"]
-    pipe, metrics = pretrain_image_decoder(ctx.world, judge, ctx.scale.image_decoder, ctx.progress)
-    pipe.save_pretrained(str(ctx.folder / "pipeline"))
-    ctx.metrics.update(metrics)
+    def run(ctx: Context) -> None:
+        from nextgpt.mini.judges import Judges
 
+        module = importlib.import_module(f"nextgpt.mini.pretrain_{modality}")
+        pretrain = getattr(module, f"pretrain_{modality}_decoder")
+        judge = Judges.load(ctx.part("judges"), (modality,)).judges[modality]
+        settings = getattr(ctx.scale, f"{modality}_decoder")
+        pipe, metrics = pretrain(ctx.world, judge, settings, ctx.progress)
+        pipe.save_pretrained(str(ctx.folder / "pipeline"))
+        ctx.metrics.update(metrics)
 
-def build_video_decoder(ctx: Context) -> None:
-    from nextgpt.mini.judges import Judges
-    from nextgpt.mini.pretrain_video import pretrain_video_decoder
-
-    judge = Judges.load(ctx.part("judges"), ("video",)).judges["video"]
-    pipe, metrics = pretrain_video_decoder(ctx.world, judge, ctx.scale.video_decoder, ctx.progress)
-    pipe.save_pretrained(str(ctx.folder / "pipeline"))
-    ctx.metrics.update(metrics)
-
-
-def build_audio_decoder(ctx: Context) -> None:
-    from nextgpt.mini.judges import Judges
-    from nextgpt.mini.pretrain_audio import pretrain_audio_decoder
-
-    judge = Judges.load(ctx.part("judges"), ("audio",)).judges["audio"]
-    pipe, metrics = pretrain_audio_decoder(ctx.world, judge, ctx.scale.audio_decoder, ctx.progress)
-    pipe.save_pretrained(str(ctx.folder / "pipeline"))
-    ctx.metrics.update(metrics)
+    return run
 
 
 def build_encoder(ctx: Context) -> None:
@@ -391,9 +381,9 @@ DECODERS = ("image-decoder", "video-decoder", "audio-decoder")
 PARTS: tuple[Part, ...] = (
     Part("data", build_data, lambda s: s.data),
     Part("judges", build_judges, lambda s: s.judges),
-    Part("image-decoder", build_image_decoder, lambda s: s.image_decoder, needs=("judges",)),
-    Part("video-decoder", build_video_decoder, lambda s: s.video_decoder, needs=("judges",)),
-    Part("audio-decoder", build_audio_decoder, lambda s: s.audio_decoder, needs=("judges",)),
+    Part("image-decoder", decoder_part("image"), lambda s: s.image_decoder, needs=("judges",)),
+    Part("video-decoder", decoder_part("video"), lambda s: s.video_decoder, needs=("judges",)),
+    Part("audio-decoder", decoder_part("audio"), lambda s: s.audio_decoder, needs=("judges",)),
     Part("encoder", build_encoder, lambda s: s.encoder),
     Part("llm", build_llm, lambda s: s.llm, needs=("data",)),
     Part("stage1", build_stage1, _stage_settings(1, MINI_PROJECTOR), STAGE1_NEEDS),
