@@ -21,7 +21,6 @@ values, so this measures whether the tokens encode attributes separately.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,6 +35,7 @@ from tqdm import tqdm
 from nextgpt.config import EncoderConfig, tiny_config
 from nextgpt.encoders.imagebind import ImageBindEncoder
 from nextgpt.encoders.preprocess import preprocess_audio, preprocess_image, preprocess_video
+from nextgpt.mini.schedules import warmup_cosine
 from nextgpt.mini.world import BACKGROUND, COLOURS, MODALITIES, Sample, World
 
 # Captions are tokenized as bytes; the end-of-text id is the largest, because ImageBind's text
@@ -257,13 +257,7 @@ def pretrain_encoder(
         params = list(encoder.parameters()) + list(probes.parameters())
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
-        def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
-            if step < t.warmup:
-                return (step + 1) / t.warmup
-            progress_ = (step - t.warmup) / max(1, t.steps - t.warmup)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        schedule = warmup_cosine(opt, t.warmup, t.steps)
         rng = world.rng("encoder", "train", t.seed)
         scale = encoder.modality_postprocessors["text"][1]
         encoder.train()

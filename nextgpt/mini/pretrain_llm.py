@@ -30,6 +30,7 @@ from nextgpt.config import LLMConfig
 from nextgpt.conversation import IGNORE_INDEX, ChatTemplate, get_template
 from nextgpt.llm import random_llama
 from nextgpt.mini.dialogues import KINDS, PLACEHOLDER, make_dialogue
+from nextgpt.mini.schedules import warmup_cosine
 from nextgpt.mini.world import MODALITIES, World
 from nextgpt.tokenizer import train_bpe_tokenizer
 
@@ -305,13 +306,7 @@ def pretrain_llm(
         before = answer_loss(model, held_all, pad, t.max_length)
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
 
-        def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
-            if step < t.warmup:
-                return (step + 1) / t.warmup
-            done = (step - t.warmup) / max(1, t.steps - t.warmup)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        schedule = warmup_cosine(opt, t.warmup, t.steps)
         model.train()
         start = time.perf_counter()
         losses = []
