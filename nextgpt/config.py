@@ -188,6 +188,11 @@ class TinyDecoderArch:
     text_max_length: int = 48
     text_vocab: int = 1000  # at least the 514 character tokens of the tiny CLIP tokenizer
     num_train_timesteps: int = 1000
+    # SD's schedule ends at a signal-to-noise ratio above zero, so the trained denoiser can read
+    # coarse layout (a video's trajectory) out of the "pure" noise it starts from and ignore the
+    # caption for it. True rescales the schedule to zero terminal SNR, which needs v-prediction and
+    # trailing timesteps (Lin et al. 2024, "Common diffusion noise schedules ... are flawed")
+    zero_terminal_snr: bool = False
     # audio (AudioLDM): CLAP projection width, log-mel bins, vocoder sample rate and upsampling
     projection_dim: int = 24
     mel_bins: int = 32

@@ -240,6 +240,30 @@ def test_denoising_loss_follows_prediction_type():
         decoder.denoising_loss(cond, targets)
 
 
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+def test_zero_terminal_snr_schedule_starts_from_pure_noise(modality):
+    """SD's schedule keeps signal at its last step (the leak that let the mini video decoder read
+    a trajectory out of the starting noise); the rescaled one keeps none, samples from t=999 with
+    v-prediction, and every pipeline still generates finite media with it."""
+    leaky = build_tiny_pipeline(modality, TinyDecoderArch()).scheduler
+    assert leaky.alphas_cumprod[-1] > 1e-3
+    arch = TinyDecoderArch(zero_terminal_snr=True)
+    decoder = build_decoder(tiny(modality, tiny=arch), seed=0)
+    scheduler = decoder.pipeline.scheduler
+    assert scheduler.alphas_cumprod[-1] == 0
+    assert scheduler.config.prediction_type == "v_prediction"
+    scheduler.set_timesteps(4)
+    assert scheduler.timesteps[0] == arch.num_train_timesteps - 1
+    out = decoder.generate(decoder.encode_text(CAPTIONS[:1]), steps=2, guidance=2.0, seed=0)
+    media = out[0][0] if modality == "audio" else out[0]  # audio: (waveform, rate)
+    assert np.isfinite(np.asarray(media, dtype=np.float64)).all()
+    # the training target at the last step is -x0: the model must produce the sample from text
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    last = scheduler.alphas_cumprod[-1].view(1, 1, 1, 1)
+    target = decoders_base.diffusion_target("v_prediction", latents, noise, last)
+    torch.testing.assert_close(target, -latents)
+
+
 def test_audio_log_mel_matches_the_vocoder(decoders):
     decoder = decoders["audio"]
     vocoder = decoder.pipeline.vocoder.config

@@ -45,6 +45,7 @@ def test_full_settings_use_the_calibrated_architecture():
     arch = VideoDecoderTraining().arch
     assert arch.vae_channels == (32, 64, 64) and arch.norm_groups == 8
     assert arch.block_channels == (32, 64) and arch.sample_size == 32
+    assert arch.zero_terminal_snr  # direction never bound under SD's leaky schedule
 
 
 def test_metrics_have_the_documented_keys(trained):
@@ -65,6 +66,9 @@ def test_saved_pipeline_reloads_and_generates_videos(trained):
     # the learned latent scale travels with the weights (SD's 0.18215 would mean it did not)
     assert again.vae.config.scaling_factor == pytest.approx(pipe.vae.config.scaling_factor)
     assert again.vae.config.scaling_factor != pytest.approx(0.18215)
+    # so does the schedule it was trained under
+    assert again.scheduler.config.prediction_type == "v_prediction"
+    assert again.scheduler.alphas_cumprod[-1] == 0
     decoder = build_decoder(
         DecoderConfig(modality="video", pretrained=str(folder), num_frames=8), device="cpu"
     )
@@ -74,10 +78,17 @@ def test_saved_pipeline_reloads_and_generates_videos(trained):
     assert [(v.shape, v.dtype) for v in videos] == [((8, 32, 32, 3), np.uint8)] * 2
 
 
-def test_autoencoder_reconstruction_loss_falls(world):
+@pytest.fixture(scope="module")
+def autoencoded(world):
+    """A fresh full-size pipeline whose autoencoder trained 30 steps; its losses."""
     torch.set_num_threads(1)
     t = dataclasses.replace(VideoDecoderTraining(), ae_steps=30, ae_batch=8)
     pipe = build_tiny_pipeline("video", t.arch, t.seed)
     losses = train_autoencoder(pipe, world, t, progress=False)
+    return pipe, losses
+
+
+def test_autoencoder_reconstruction_loss_falls(autoencoded):
+    pipe, losses = autoencoded
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
     assert np.isfinite(pipe.vae.config.scaling_factor) and pipe.vae.config.scaling_factor > 0

@@ -28,6 +28,21 @@ from nextgpt.decoders.tiny import build_tiny_pipeline
 from nextgpt.weights import realign, torch_dtype
 
 
+def diffusion_target(
+    prediction_type: str, latents: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor
+) -> torch.Tensor:
+    """What a denoiser is trained to output for `latents` noised with `noise` at cumulative
+    alpha `alpha_bar` (broadcastable), by the scheduler's `prediction_type`: one definition for
+    NExT-GPT's decoder loss and the miniature's decoder pretraining, so they cannot disagree."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    if prediction_type == "sample":
+        return latents
+    raise ValueError(f"unsupported scheduler prediction_type {prediction_type!r}")
+
+
 class Decoder(abc.ABC):
     """One frozen diffusion pipeline; `pipeline` builds or loads it on first use."""
 
@@ -248,15 +263,7 @@ class Decoder(abc.ABC):
         alpha_bar = scheduler.alphas_cumprod.to(device, torch.float32)[t.to(device)]
         alpha_bar = alpha_bar.view(batch, *([1] * (latents.dim() - 1)))
         noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
-        kind = scheduler.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
-        elif kind == "sample":
-            target = latents
-        else:
-            raise ValueError(f"unsupported scheduler prediction_type {kind!r}")
+        target = diffusion_target(scheduler.config.prediction_type, latents, noise, alpha_bar)
         pred = self._predict(pipe, noisy.to(dtype), t.to(device), cond.to(device, dtype))
         return F.mse_loss(pred.float(), target)
 

@@ -87,7 +87,9 @@ def _vae(arch: TinyDecoderArch, channels: int) -> AutoencoderKL:
 
 
 def _scheduler(arch: TinyDecoderArch) -> DDIMScheduler:
-    # SD's noise schedule; clip_sample must be off for latents
+    """SD's noise schedule (clip_sample off for latents), or its zero-terminal-SNR rescaling with
+    the v-prediction and trailing timesteps that rescaling needs."""
+    zero_snr = arch.zero_terminal_snr
     return DDIMScheduler(
         num_train_timesteps=arch.num_train_timesteps,
         beta_start=0.00085,
@@ -96,6 +98,9 @@ def _scheduler(arch: TinyDecoderArch) -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        rescale_betas_zero_snr=zero_snr,
+        prediction_type="v_prediction" if zero_snr else "epsilon",
+        timestep_spacing="trailing" if zero_snr else "leading",
     )
 
 

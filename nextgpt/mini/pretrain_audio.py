@@ -35,6 +35,7 @@ from transformers.audio_utils import mel_filter_bank
 from nextgpt.config import DecoderConfig, TinyDecoderArch
 from nextgpt.decoders.audio import LOG_FLOOR, AudioDecoder
 from nextgpt.decoders.tiny import build_tiny_pipeline
+from nextgpt.mini.denoiser import train_denoiser
 from nextgpt.mini.judges import Judge
 from nextgpt.mini.world import TEMPLATES, World
 
@@ -393,53 +394,27 @@ def train_unet(
     evaluate: Callable[[], dict],
     progress: bool,
 ) -> list[dict]:
-    """Denoising (epsilon) MSE on mel latents of freshly rendered train clips, conditioned through
-    the class embedding on the frozen text projection of their canonical captions (the empty one
-    10% of the time). Returns the judged evaluations taken every `eval_every` steps and at the
-    end."""
-    unet = pipe.unet.train().requires_grad_(True)
-    combos = world.combinations("audio", "train")
-    index = {tuple(sorted(c.items())): i for i, c in enumerate(combos)}
-    with torch.no_grad():
-        cond = _embed(pipe, *_tokens(pipe, [world.caption("audio", c) for c in combos]))
-        empty = _embed(pipe, *_tokens(pipe, [""]))
-    opt = torch.optim.AdamW(unet.parameters(), lr=t.unet_lr, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / t.warmup))
-    alphas = pipe.scheduler.alphas_cumprod.float()
+    """The shared denoiser loop (`train_denoiser`) on mel latents of freshly rendered train
+    clips, conditioned through the class embedding on the frozen text projection of their
+    canonical captions."""
     scale = pipe.vae.config.scaling_factor
-    rng = world.rng("audio-decoder", "unet", t.seed)
-    generator = torch.Generator().manual_seed(t.seed)
-    history: list[dict] = []
-    start = time.perf_counter()
-    bar = tqdm(range(1, t.unet_steps + 1), desc="audio UNet", disable=not progress)
-    for step in bar:
-        samples = [world.sample("audio", rng, "train") for _ in range(t.unet_batch)]
-        with torch.no_grad():
-            x = mel.log_mel(_waves(samples)).unsqueeze(1)
-            latents = pipe.vae.encode(x).latent_dist.sample(generator) * scale
-        rows = torch.tensor([index[tuple(sorted(s.attributes.items()))] for s in samples])
-        drop = torch.rand(t.unet_batch, generator=generator) < t.caption_dropout
-        c = torch.where(drop[:, None], empty, cond[rows])
-        steps = torch.randint(0, len(alphas), (t.unet_batch,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        a = alphas[steps].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        pred = unet(noisy, steps, encoder_hidden_states=None, class_labels=c).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step == t.unet_steps or (t.eval_every and step % t.eval_every == 0):
-            row = {"step": step, "seconds": round(time.perf_counter() - start, 1), **evaluate()}
-            row["loss"] = round(loss.item(), 4)
-            history.append(row)
-            unet.train()
-            tqdm.write(f"audio UNet {row}")
-    unet.eval().requires_grad_(False)
-    return history
+    return train_denoiser(
+        pipe,
+        world,
+        "audio",
+        t,
+        encode_captions=lambda texts: _embed(pipe, *_tokens(pipe, texts)),
+        latents_of=lambda samples, generator: (
+            pipe.vae.encode(mel.log_mel(_waves(samples)).unsqueeze(1)).latent_dist.sample(generator)
+            * scale
+        ),
+        predict=lambda noisy, steps, c: (
+            pipe.unet(noisy, steps, encoder_hidden_states=None, class_labels=c).sample
+        ),
+        evaluate=evaluate,
+        progress=progress,
+        name="audio UNet",
+    )
 
 
 def pretrain_audio_decoder(

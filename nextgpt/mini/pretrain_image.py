@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from nextgpt.config import TinyDecoderArch
 from nextgpt.decoders.tiny import build_tiny_pipeline
+from nextgpt.mini.denoiser import train_denoiser
 from nextgpt.mini.judges import Judge
 from nextgpt.mini.world import TEMPLATES, World
 
@@ -214,52 +215,24 @@ def train_unet(
     evaluate: Callable[[], dict],
     progress: bool,
 ) -> list[dict]:
-    """Denoising (epsilon) MSE on latents of freshly rendered train images, conditioned on the
-    frozen text encoder's states of their canonical captions (the empty one 10% of the time).
-    Returns the judged evaluations taken every `eval_every` steps and at the end."""
-    unet = pipe.unet.train().requires_grad_(True)
-    combos = world.combinations("image", "train")
-    keys = [tuple(sorted(c.items())) for c in combos]
-    with torch.no_grad():
-        states = pipe.text_encoder(_tokens(pipe, [world.caption("image", c) for c in combos]))
-        cond = states.last_hidden_state
-        empty = pipe.text_encoder(_tokens(pipe, [""])).last_hidden_state
-    index = {k: i for i, k in enumerate(keys)}
-    opt = torch.optim.AdamW(unet.parameters(), lr=t.unet_lr, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / t.warmup))
-    alphas = pipe.scheduler.alphas_cumprod.float()
+    """The shared denoiser loop (`train_denoiser`) on latents of freshly rendered train images,
+    conditioned on the frozen text encoder's states of their canonical captions."""
     scale = pipe.vae.config.scaling_factor
-    rng = world.rng("image-decoder", "unet", t.seed)
-    generator = torch.Generator().manual_seed(t.seed)
-    history: list[dict] = []
-    start = time.perf_counter()
-    bar = tqdm(range(1, t.unet_steps + 1), desc="image UNet", disable=not progress)
-    for step in bar:
-        samples = [world.sample("image", rng, "train") for _ in range(t.unet_batch)]
-        with torch.no_grad():
-            latents = pipe.vae.encode(_pixels([s.media for s in samples])).latent_dist
-            latents = latents.sample(generator) * scale
-        rows = torch.tensor([index[tuple(sorted(s.attributes.items()))] for s in samples])
-        drop = torch.rand(t.unet_batch, generator=generator) < t.caption_dropout
-        c = torch.where(drop[:, None, None], empty, cond[rows])
-        steps = torch.randint(0, len(alphas), (t.unet_batch,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        a = alphas[steps].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(noisy, steps, encoder_hidden_states=c).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step == t.unet_steps or (t.eval_every and step % t.eval_every == 0):
-            row = {"step": step, "seconds": round(time.perf_counter() - start, 1), **evaluate()}
-            history.append(row)
-            unet.train()
-            tqdm.write(f"image UNet {row}")
-    unet.eval().requires_grad_(False)
-    return history
+    return train_denoiser(
+        pipe,
+        world,
+        "image",
+        t,
+        encode_captions=lambda texts: pipe.text_encoder(_tokens(pipe, texts)).last_hidden_state,
+        latents_of=lambda samples, generator: (
+            pipe.vae.encode(_pixels([s.media for s in samples])).latent_dist.sample(generator)
+            * scale
+        ),
+        predict=lambda noisy, steps, c: pipe.unet(noisy, steps, encoder_hidden_states=c).sample,
+        evaluate=evaluate,
+        progress=progress,
+        name="image UNet",
+    )
 
 
 def pretrain_image_decoder(

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from nextgpt.config import TinyDecoderArch
 from nextgpt.decoders.tiny import build_tiny_pipeline
+from nextgpt.mini.denoiser import train_denoiser
 from nextgpt.mini.judges import Judge
 from nextgpt.mini.pretrain_image import _tokens, train_probed_text_encoder
 from nextgpt.mini.world import World
@@ -37,8 +38,13 @@ MODALITY = "video"
 
 
 def _video_arch() -> TinyDecoderArch:
-    # (32, 64, 64): two downsamplings, 32x32 frames -> 8x8x4 latents
-    return TinyDecoderArch(norm_groups=8, vae_channels=(32, 64, 64), block_channels=(32, 64))
+    """(32, 64, 64): two downsamplings, 32x32 frames -> 8x8x4 latents. Zero terminal SNR: under
+    SD's schedule the UNet3D learned to read the trajectory out of the starting noise, so its
+    videos moved in a random direction whatever the caption said (0.25 after 2,400 steps); with
+    the rescaled schedule direction binds (docs/mini-design.md, section 8)."""
+    return TinyDecoderArch(
+        norm_groups=8, vae_channels=(32, 64, 64), block_channels=(32, 64), zero_terminal_snr=True
+    )
 
 
 @dataclass(frozen=True)
@@ -228,59 +234,22 @@ def train_unet(
     evaluate: Callable[[], dict],
     progress: bool,
 ) -> list[dict]:
-    """Denoising (epsilon) MSE on (B, C, F, h, w) latents of freshly rendered train videos,
-    conditioned on the frozen text encoder's states of their canonical captions (the empty one
-    10% of the time). Returns the judged evaluations taken every `eval_every` steps and at the end,
-    each with the mean loss since the previous one."""
-    unet = pipe.unet.train().requires_grad_(True)
-    combos = world.combinations(MODALITY, "train")
-    index = {tuple(sorted(c.items())): i for i, c in enumerate(combos)}
-    with torch.no_grad():
-        states = pipe.text_encoder(_tokens(pipe, [world.caption(MODALITY, c) for c in combos]))
-        cond = states.last_hidden_state
-        empty = pipe.text_encoder(_tokens(pipe, [""])).last_hidden_state
-    opt = torch.optim.AdamW(unet.parameters(), lr=t.unet_lr, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / t.warmup))
-    alphas = pipe.scheduler.alphas_cumprod.float()
-    rng = world.rng("video-decoder", "unet", t.seed)
-    generator = torch.Generator().manual_seed(t.seed)
-    history: list[dict] = []
-    losses: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(range(1, t.unet_steps + 1), desc="video UNet3D", disable=not progress)
-    for step in bar:
-        samples = [world.sample(MODALITY, rng, "train") for _ in range(t.unet_batch)]
-        with torch.no_grad():
-            videos = torch.stack([_pixels(s.media[0]) for s in samples])
-            latents = _encode(pipe, videos, generator)
-        rows = torch.tensor([index[tuple(sorted(s.attributes.items()))] for s in samples])
-        drop = torch.rand(t.unet_batch, generator=generator) < t.caption_dropout
-        c = torch.where(drop[:, None, None], empty, cond[rows])
-        steps = torch.randint(0, len(alphas), (t.unet_batch,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        a = alphas[steps].view(-1, 1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(noisy, steps, encoder_hidden_states=c).sample, noise)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step == t.unet_steps or (t.eval_every and step % t.eval_every == 0):
-            row = {
-                "step": step,
-                "seconds": round(time.perf_counter() - start, 1),
-                "loss": round(float(np.mean(losses)), 4),
-                **evaluate(),
-            }
-            losses = []
-            history.append(row)
-            unet.train()
-            tqdm.write(f"video UNet3D {row}")
-    unet.eval().requires_grad_(False)
-    return history
+    """The shared denoiser loop (`train_denoiser`) on (B, C, F, h, w) latents of freshly rendered
+    train videos, conditioned on the frozen text encoder's states of their canonical captions."""
+    return train_denoiser(
+        pipe,
+        world,
+        MODALITY,
+        t,
+        encode_captions=lambda texts: pipe.text_encoder(_tokens(pipe, texts)).last_hidden_state,
+        latents_of=lambda samples, generator: _encode(
+            pipe, torch.stack([_pixels(s.media[0]) for s in samples]), generator
+        ),
+        predict=lambda noisy, steps, c: pipe.unet(noisy, steps, encoder_hidden_states=c).sample,
+        evaluate=evaluate,
+        progress=progress,
+        name="video UNet3D",
+    )
 
 
 def pretrain_video_decoder(
