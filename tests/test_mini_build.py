@@ -189,3 +189,22 @@ def test_a_part_being_built_elsewhere_is_not_touched(smoke, tmp_path):
     (out / "logs" / "data.lock").write_text(str(dead.pid))  # stale: its process is gone
     mini_build.build(out, "smoke", only="data", progress=False)
     assert (out / "data" / mini_build.DONE).is_file() and not (out / "logs" / "data.lock").exists()
+
+
+def test_config_hash_covers_the_world_config(monkeypatch):
+    """A changed rendering default (here the video frame rate) must change every part's hash, or
+    a resumed build would keep parts trained on the old world."""
+    from nextgpt.mini import world as world_module
+
+    scale = mini_build.scales()["smoke"]
+    part = next(p for p in mini_build.PARTS if p.name == "judges")
+    before = mini_build.config_hash(part, scale, 0, {})
+    assert mini_build.config_hash(part, scale, 0, {}) == before
+    changed = dataclasses.make_dataclass(
+        "WorldConfig",
+        [("video_fps", float, dataclasses.field(default=4.0))],
+        bases=(world_module.WorldConfig,),
+        frozen=True,
+    )
+    monkeypatch.setattr(world_module, "WorldConfig", changed)
+    assert mini_build.config_hash(part, scale, 0, {}) != before

@@ -399,10 +399,14 @@ PART_NAMES = tuple(p.name for p in PARTS)
 
 
 def config_hash(part: Part, scale: Scale, seed: int, hashes: dict[str, str]) -> str:
-    """Hash of the part's settings, the world seed and its prerequisites' hashes."""
+    """Hash of the part's settings, the world's whole config (a changed rendering default must
+    rebuild what was trained on the old world) and its prerequisites' hashes."""
+    from nextgpt.mini.world import WorldConfig
+
     payload = {
         "part": part.name,
         "seed": seed,
+        "world": WorldConfig(seed=seed),
         "settings": part.settings(scale),
         "needs": {n: hashes[n] for n in part.needs},
     }
