@@ -57,6 +57,9 @@ def test_saved_pipeline_reloads_and_generates(smoke):
     folder, _ = smoke
     pipe = AudioLDMPipeline.from_pretrained(str(folder))
     assert pipe.vocoder.config.upsample_initial_channel == 16  # the smoke vocoder, not the tiny one
+    # trained under zero terminal SNR, and the saved scheduler says so (it samples the same way)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.alphas_cumprod[-1] == 0
     decoder = build_decoder(
         DecoderConfig(modality="audio", pretrained=str(folder), audio_seconds=1.0), device="cpu"
     )

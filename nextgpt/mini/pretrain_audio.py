@@ -46,7 +46,11 @@ class AudioDecoderTraining:
     on one thread (measured per step: autoencoder 0.75 s, vocoder 0.076 s, UNet 0.78 s, one
     judged evaluation 22 s). `smoke()` gives a run of a few seconds for tests."""
 
-    arch: TinyDecoderArch = field(default_factory=lambda: TinyDecoderArch(norm_groups=8))
+    # zero terminal SNR: under SD's schedule the UNet reached timbre 0.69 after 1,000 steps; with
+    # the rescaled one it reached 0.83 after 500 (the vocoder alone scores 0.82), pitch 1.00 both
+    arch: TinyDecoderArch = field(
+        default_factory=lambda: TinyDecoderArch(norm_groups=8, zero_terminal_snr=True)
+    )
     # the vocoder is built here, not from `arch`: the tiny arch ties its width to the UNet's
     # first block (32), and calibration found 32 channels too weak (judge 0.70-0.78)
     vocoder_channels: int = 64

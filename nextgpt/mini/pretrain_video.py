@@ -40,8 +40,9 @@ MODALITY = "video"
 def _video_arch() -> TinyDecoderArch:
     """(32, 64, 64): two downsamplings, 32x32 frames -> 8x8x4 latents. Zero terminal SNR: under
     SD's schedule the UNet3D learned to read the trajectory out of the starting noise, so its
-    videos moved in a random direction whatever the caption said (0.25 after 2,400 steps); with
-    the rescaled schedule direction binds (docs/mini-design.md, section 8)."""
+    videos moved in a random direction whatever the caption said (0.25 after 2,400 steps). With
+    the rescaled schedule the axis of motion binds (horizontal or vertical, every time in a
+    probe), but not its sign (docs/mini-design.md, section 8)."""
     return TinyDecoderArch(
         norm_groups=8, vae_channels=(32, 64, 64), block_channels=(32, 64), zero_terminal_snr=True
     )
