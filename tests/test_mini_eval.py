@@ -21,7 +21,7 @@ from nextgpt.cli import UsageError
 from nextgpt.mini import evaluate as ev
 from nextgpt.mini.dialogues import KINDS, PLACEHOLDER
 from nextgpt.mini.judges import Judge, JudgeConfig, Judges, JudgeTraining, train_judge
-from nextgpt.mini.world import MODALITIES, World, WorldConfig
+from nextgpt.mini.world import MODALITIES, Sample, World, WorldConfig
 from nextgpt.model import GeneratedMedia, Reply
 
 FAST = JudgeTraining(samples=500, epochs=5, batch_size=32, lr=3e-3)
@@ -72,6 +72,50 @@ def test_routing_items_carry_inputs_and_the_gold_route(world):
     kinds = [part["type"] for part in message["content"]]
     assert kinds == [items[0].inputs[0].modality, "text"]
     assert message["content"][1]["text"] == message["content"][1]["text"].strip()
+
+
+def test_dialogue_items_replay_the_gold_turns_before_the_last_request(world):
+    items = ev.dialogue_items(world, "heldout", 3)
+    assert [i.kind for i in items] == [k for k in ev.DIALOGUE_KINDS for _ in range(3)]
+    again = ev.dialogue_items(world, "heldout", 3)
+    assert [[ev._message_text(m) for m in i.messages] for i in items] == [
+        [ev._message_text(m) for m in i.messages] for i in again
+    ]
+    assert [[o.attributes for o in i.outputs] for i in items] == [
+        [o.attributes for o in i.outputs] for i in again
+    ]
+    for item in items:
+        roles = [m["role"] for m in item.messages]
+        assert roles[0] == "user" and roles[-1] == "user"
+        assert all(o.modality in MODALITIES for o in item.outputs) and item.outputs
+        assert all(world.is_held_out(o.attributes) for o in item.outputs)
+        if item.kind == "transfer":  # one medium in, one out
+            assert roles == ["user"] and len(item.outputs) == 1
+            assert item.messages[0]["content"][0]["type"] in MODALITIES
+        if item.kind == "edit":  # earlier answers come back with their media, then "now ..."
+            assert roles[1::2] == ["assistant"] * (len(roles) // 2) and len(roles) in (3, 5)
+            for answer in item.messages[1::2]:
+                types = [p["type"] for p in answer["content"] if p["type"] != "text"]
+                assert types == [item.outputs[0].modality]
+            assert item.messages[-1]["content"][0]["text"].startswith("Now ")
+    mixed = [i for i in items if i.kind == "mixed"]
+    assert any(
+        len(i.outputs) == 2 for i in ev.dialogue_items(world, "train", 12) if i.kind == "mixed"
+    )
+    assert all(len(i.messages) == 1 for i in mixed)
+
+
+def test_matched_outputs_pair_each_gold_output_with_its_modality_in_order(world):
+    def sample(modality: str) -> Sample:
+        return Sample(modality, {}, "", None)
+
+    media = [
+        GeneratedMedia(m, name, torch.zeros(1))
+        for m, name in [("video", "v1"), ("image", "i1"), ("video", "v2")]
+    ]
+    reply = Reply(text="", media=media)
+    gold = [sample("image"), sample("video"), sample("video"), sample("audio"), sample("image")]
+    assert ev.matched_outputs(gold, reply) == ["i1", "v1", "v2", None, None]
 
 
 # ---- scoring rules -------------------------------------------------------------------------------
@@ -165,7 +209,9 @@ def test_ceiling_path_judges_real_media_and_the_model_path_does_not(
     world, image_judges, tiny_model, monkeypatch
 ):
     monkeypatch.setattr(tiny_model, "decoders", {"image": RenderingDecoder(world, "image")})
-    settings = ev.EvalSettings(captions=0, routing=0, generations=12, generation_tokens=8)
+    settings = ev.EvalSettings(
+        captions=0, routing=0, generations=12, dialogues=0, generation_tokens=8
+    )
     results = ev.evaluate(tiny_model, image_judges, world, settings)
     rows = results["generation"]["image"]
     assert set(results["generation"]) == {"image"}
@@ -176,6 +222,24 @@ def test_ceiling_path_judges_real_media_and_the_model_path_does_not(
     # the random model's conditioning points at one arbitrary combination, whatever was asked
     assert rows["all"]["train"]["model"] <= 0.5
     assert rows["all"]["train"]["ratio"] == pytest.approx(rows["all"]["train"]["model"])
+
+
+def test_dialogue_outputs_are_judged_only_where_a_decoder_and_judge_exist(
+    world, image_judges, tiny_model, monkeypatch
+):
+    """Edits after a first answer, transfers and two-media answers: the perfect decoder's
+    ceiling on every image output, nothing recorded for modalities without a decoder."""
+    monkeypatch.setattr(tiny_model, "decoders", {"image": RenderingDecoder(world, "image")})
+    settings = ev.EvalSettings(captions=0, routing=0, generations=0, dialogues=6, routing_tokens=24)
+    results = ev.evaluate(tiny_model, image_judges, world, settings)
+    assert {m for kind in results["dialogue"].values() for m in kind} == {"image"}
+    for kind, modalities in results["dialogue"].items():
+        for split in ev.SPLITS:
+            assert modalities["image"]["all"][split]["ceiling"] >= 0.95, (kind, split)
+    records = [r for r in results["items"] if r["section"] == "dialogue"]
+    assert len(records) == 2 * 6 * len(ev.DIALOGUE_KINDS)
+    edit = next(r for r in records if r["kind"] == "edit")
+    assert [line.split(":")[0] for line in edit["prompt"]] == ["user", "assistant", "user"]
 
 
 def test_routing_without_decoding_sees_every_emitted_group(tiny_model):
@@ -238,5 +302,15 @@ def test_eval_command_quick_run_on_tiny(world, tiny_model, tmp_path, monkeypatch
     assert results["routing"]["kinds"]["all"]["chance"] == 0.125
     assert results["counts"]["routing"]["all"] == {"train": len(KINDS), "heldout": len(KINDS)}
     sections = {item["section"] for item in results["items"]}
-    assert sections == {"caption", "routing", "generation"}
+    assert sections == {"caption", "routing", "generation", "dialogue"}
+    assert "### Generation in dialogue" in table
+    assert set(results["dialogue"]) <= set(ev.DIALOGUE_KINDS)
+    # one dialogue per kind and split, every gold output of its answer judged
+    judged = {
+        sp: sum(c[sp] for kind in results["counts"]["dialogue"].values() for c in kind.values())
+        for sp in ev.SPLITS
+    }
+    assert judged == {
+        sp: sum(len(i.outputs) for i in ev.dialogue_items(world, sp, 1)) for sp in ev.SPLITS
+    }
     assert f"{1 / 24:.2f}" in table  # chance of all image attributes, beside the figures

@@ -12,6 +12,12 @@ never saw together), each reported beside its chance level so that a figure is n
    Beside it is the decoder ceiling: the same decoder conditioned on its own text encoder's
    embedding of the gold canonical caption, with the same noise seed. The ratio of the two
    separates what the LLM and output projector lose from what the decoder cannot draw anyway.
+4. Generation in dialogue: the last answer with media of the dialogue kinds that make media
+   from more than a plain request: transfer (a medium in, another out: "make a video of the shape
+   in this image"), edit (a later "now make it blue", after the gold earlier turns with their
+   media) and mixed (text and media in one answer: describe this then make that, or two media).
+   The model answers freely; each gold output is judged against the medium of its modality in the
+   same place among the reply's media (missing: wrong), beside the ceiling as in 3.
 
 Items are built from the world, not read from the build's data files, so any model directory can
 be evaluated. They are drawn from streams named "eval" (training uses other streams), and
@@ -28,6 +34,7 @@ import argparse
 import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -58,7 +65,8 @@ class MediaJudge(Protocol):
 class EvalSettings:
     """How many items per cell, and how media are decoded.
 
-    Counts are per split: `captions` and `generations` per modality, `routing` per dialogue kind.
+    Counts are per split: `captions` and `generations` per modality, `routing` per dialogue kind,
+    `dialogues` per kind of `DIALOGUE_KINDS`.
     `steps` / `guidance` None use each decoder's own config, so the model is judged as it is
     shipped. `seed` picks the items and the decoders' noise; `world_seed` the world's nuisances.
     """
@@ -66,6 +74,7 @@ class EvalSettings:
     captions: int = 48
     routing: int = 12
     generations: int = 24
+    dialogues: int = 12  # per dialogue kind of section 4
     caption_tokens: int = 48
     routing_tokens: int = 128
     generation_tokens: int = 64
@@ -78,7 +87,7 @@ class EvalSettings:
     @classmethod
     def quick(cls, **overrides: Any) -> EvalSettings:
         """A few items per cell: proves every path runs (CI, smoke builds), measures little."""
-        return replace(cls(captions=2, routing=1, generations=1), **overrides)
+        return replace(cls(captions=2, routing=1, generations=1, dialogues=1), **overrides)
 
 
 # ---- items -------------------------------------------------------------------------------------
@@ -103,6 +112,16 @@ class GenerationItem:
     modality: str
     attributes: dict[str, str]
     prompt: str
+
+
+@dataclass
+class DialogueItem:
+    kind: str
+    messages: list[dict[str, Any]]  # the gold dialogue up to the request, media in place
+    outputs: list[Sample]  # the gold media of the last answer, in order
+
+
+DIALOGUE_KINDS = ("transfer", "edit", "mixed")  # kinds whose last answer holds generated media
 
 
 def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
@@ -162,18 +181,50 @@ def generation_items(
     return items
 
 
-def user_message(text: str, inputs: list[Any]) -> dict[str, Any]:
-    """A dialogue turn (`<image>\\nDescribe ...`) as a `NextGPT.generate` user message: media at
+def dialogue_items(world: World, split: str, count: int, seed: int = 0) -> list[DialogueItem]:
+    """The last request answered with media in `count` dialogues of each of `DIALOGUE_KINDS`
+    (the main modality cycles), after the gold turns before it: earlier answers come back with
+    the media they carried, as a client sends back what it was given. The dialogues' media list
+    follows their placeholders in order (inputs and outputs alike), which is how the turns take
+    theirs."""
+    items = []
+    for kind in DIALOGUE_KINDS:
+        for index in range(count):
+            d = make_dialogue(world, kind, split, index, stream=f"eval-dialogue-{seed}")
+            last = max(
+                i
+                for i, (speaker, text) in enumerate(d.turns)
+                if speaker == "gpt" and PLACEHOLDER.search(text)
+            )
+            media = iter(d.media)
+            messages = []
+            for speaker, text in d.turns[:last]:
+                taken = [next(media).media for _ in PLACEHOLDER.findall(text)]
+                role = "user" if speaker == "human" else "assistant"
+                messages.append(turn_message(role, text, taken))
+            outputs = [next(media) for _ in PLACEHOLDER.findall(d.turns[last][1])]
+            items.append(DialogueItem(kind, messages, outputs))
+    return items
+
+
+def turn_message(role: str, text: str, media: list[Any]) -> dict[str, Any]:
+    """A dialogue turn (`<image>\\nDescribe ...`) as a `NextGPT.generate` message: media at
     their placeholders and text pieces stripped, the same layout the training data reader gives
-    the same turn (nextgpt.data.formats), so the model sees what it was trained on."""
-    media = iter(inputs)
+    the same turn (nextgpt.data.formats), so the model sees what it was trained on. In a user
+    turn the media are inputs; in an assistant turn, the outputs it answered with."""
+    parts = iter(media)
     content: list[dict[str, Any]] = []
     for i, piece in enumerate(PLACEHOLDER.split(text)):
         if i % 2:
-            content.append({"type": piece, piece: next(media)})
+            content.append({"type": piece, piece: next(parts)})
         elif piece.strip():
             content.append({"type": "text", "text": piece.strip()})
-    return {"role": "user", "content": content}
+    return {"role": role, "content": content}
+
+
+def user_message(text: str, inputs: list[Any]) -> dict[str, Any]:
+    """A user turn with its input media (`turn_message`)."""
+    return turn_message("user", text, inputs)
 
 
 # ---- scoring -----------------------------------------------------------------------------------
@@ -201,6 +252,23 @@ def judge_input(modality: str, data: Any, fps: float) -> Any:
     return data
 
 
+def matched_outputs(gold: list[Sample], reply: Reply) -> list[Any]:
+    """For each gold output, the reply's medium of the same modality in the same place among
+    that modality's media (the second video asked for against the second video made), or None
+    where the reply made fewer."""
+    produced: dict[str, list[Any]] = {}
+    for item in reply.media:
+        produced.setdefault(item.modality, []).append(item.data)
+    seen: Counter[str] = Counter()
+    out = []
+    for sample in gold:
+        k = seen[sample.modality]
+        seen[sample.modality] += 1
+        made = produced.get(sample.modality, [])
+        out.append(made[k] if k < len(made) else None)
+    return out
+
+
 def produced_modalities(reply: Reply) -> frozenset[str]:
     """The modalities whose signal-token groups the model emitted: each group becomes one medium
     of the reply (decoded or not), in the order emitted."""
@@ -225,6 +293,15 @@ def majority_baseline(items: list[RoutingItem]) -> float:
         return 0.0
     golds = [item.gold for item in items]
     return max(golds.count(g) for g in set(golds)) / len(golds)
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    """A message back as dialogue text, media as placeholders (for the item records)."""
+    pieces = [
+        part["text"] if part["type"] == "text" else f"<{part['type']}>"
+        for part in message["content"]
+    ]
+    return f"{message['role']}: " + " ".join(pieces)
 
 
 # ---- running the model -------------------------------------------------------------------------
@@ -303,11 +380,15 @@ def evaluate(
                 for m in gen_modalities
                 for it in generation_items(world, split, m, s.generations, s.seed)
             ],
+            "dialogue": dialogue_items(world, split, s.dialogues, s.seed) if gen_modalities else [],
         }
         for split in SPLITS
     }
     total = sum(
-        len(p["caption"]) + len(p["routing"]) + len(p["generation"]) * (1 + s.ceiling)
+        len(p["caption"])
+        + len(p["routing"])
+        + len(p["generation"]) * (1 + s.ceiling)
+        + len(p["dialogue"])
         for p in plan.values()
     )
     options = {
@@ -317,8 +398,19 @@ def evaluate(
     fps = world.config.video_fps
     bar = tqdm(total=total, desc="eval", disable=not progress, unit="item")
     captions, routes, model_gen, ceiling_gen = _Tally(), _Tally(), _Tally(), _Tally()
+    dialogue_gen, dialogue_ceiling = _Tally(), _Tally()
     records: list[dict[str, Any]] = []
-    seconds: dict[str, float] = dict.fromkeys(("caption", "routing", "generation"), 0.0)
+    sections = ("caption", "routing", "generation", "dialogue")
+    seconds: dict[str, float] = dict.fromkeys(sections, 0.0)
+
+    def ceiling_scores(modality: str, attributes: dict[str, str], seed: int) -> dict[str, bool]:
+        """The decoder on its own embedding of the gold caption, with the model's noise seed."""
+        assert judges is not None
+        decoder = model.decoders[modality]
+        with torch.no_grad():
+            cond = decoder.encode_text([world.caption(modality, attributes)])
+            data = decoder.generate(cond, seed=seed, **options[modality])[0]
+        return judged_scores(judges, modality, judge_input(modality, data, fps), attributes)
 
     for split in SPLITS:
         start = time.perf_counter()
@@ -396,19 +488,54 @@ def evaluate(
             }
             bar.update()
             if s.ceiling:
-                decoder = model.decoders[g.modality]
-                with torch.no_grad():
-                    cond = decoder.encode_text([world.caption(g.modality, g.attributes)])
-                    data = decoder.generate(cond, seed=seed, **options[g.modality])[0]
-                ceiling = judged_scores(
-                    judges, g.modality, judge_input(g.modality, data, fps), g.attributes
-                )
+                ceiling = ceiling_scores(g.modality, g.attributes, seed)
                 for name, ok in ceiling.items():
                     ceiling_gen.add((g.modality, name, split), ok)
                 record["ceiling"] = ceiling
                 bar.update()
             records.append(record)
         seconds["generation"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        for i, d in enumerate(plan[split]["dialogue"]):
+            assert judges is not None
+            seed = s.seed + i
+            reply = model.generate(
+                d.messages,
+                max_new_tokens=s.routing_tokens,
+                seed=seed,
+                decoder_options=options,
+            )
+            outputs = []
+            for sample, data in zip(d.outputs, matched_outputs(d.outputs, reply)):
+                m = sample.modality
+                if m not in gen_modalities:
+                    continue
+                if data is None:
+                    scores = {k: False for k in [*sample.attributes, ALL]}
+                else:
+                    scores = judged_scores(judges, m, judge_input(m, data, fps), sample.attributes)
+                for name, ok in scores.items():
+                    dialogue_gen.add((d.kind, m, name, split), ok)
+                out: dict[str, Any] = {"modality": m, "gold": sample.attributes, "correct": scores}
+                if s.ceiling:
+                    out["ceiling"] = ceiling_scores(m, sample.attributes, seed)
+                    for name, ok in out["ceiling"].items():
+                        dialogue_ceiling.add((d.kind, m, name, split), ok)
+                outputs.append(out)
+            records.append(
+                {
+                    "section": "dialogue",
+                    "split": split,
+                    "kind": d.kind,
+                    "prompt": [_message_text(message) for message in d.messages],
+                    "produced": [item.modality for item in reply.media],
+                    "answer": reply.text,
+                    "outputs": outputs,
+                }
+            )
+            bar.update()
+        seconds["dialogue"] += time.perf_counter() - start
     bar.close()
 
     caption_rows: dict[str, dict[str, dict[str, float | None]]] = {}
@@ -432,12 +559,30 @@ def evaluate(
                 top = ceiling_gen.mean((m, name, sp))
                 row[sp] = {"model": acc, "ceiling": top, "ratio": _ratio(acc, top)}
             generation_rows[m][name] = row
+    dialogue_rows: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    dialogue_counts: dict[str, dict[str, dict[str, int]]] = {}
+    for kind in DIALOGUE_KINDS:
+        for m in gen_modalities:
+            if not any(dialogue_gen.count((kind, m, ALL, sp)) for sp in SPLITS):
+                continue
+            dialogue_counts.setdefault(kind, {})[m] = {
+                sp: dialogue_gen.count((kind, m, ALL, sp)) for sp in SPLITS
+            }
+            rows = dialogue_rows.setdefault(kind, {}).setdefault(m, {})
+            for name, c in attribute_chance(world, m).items():
+                row = {"chance": c}
+                for sp in SPLITS:
+                    acc = dialogue_gen.mean((kind, m, name, sp))
+                    top = dialogue_ceiling.mean((kind, m, name, sp))
+                    row[sp] = {"model": acc, "ceiling": top, "ratio": _ratio(acc, top)}
+                rows[name] = row
     counts = {
         "caption": {m: {sp: captions.count((m, ALL, sp)) for sp in SPLITS} for m in MODALITIES},
         "routing": {k: {sp: routes.count((k, sp)) for sp in SPLITS} for k in (*KINDS, ALL)},
         "generation": {
             m: {sp: model_gen.count((m, ALL, sp)) for sp in SPLITS} for m in gen_modalities
         },
+        "dialogue": dialogue_counts,
     }
     return {
         "settings": asdict(s),
@@ -449,6 +594,7 @@ def evaluate(
             "majority": {sp: majority_baseline(plan[sp]["routing"]) for sp in SPLITS},
         },
         "generation": generation_rows,
+        "dialogue": dialogue_rows,
         "skipped": {"generation": skipped},
         "counts": counts,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -546,6 +692,43 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(
             "Not generated: " + ", ".join(f"{m} ({why})" for m, why in skipped.items()) + "."
         )
+    if results["dialogue"]:
+        lines += [
+            "",
+            "### Generation in dialogue (medium -> medium, later edits, text and media in one "
+            "answer; judged)",
+            "",
+            _row(
+                [
+                    "kind",
+                    "modality",
+                    "attribute",
+                    "train",
+                    "ceiling",
+                    "held-out",
+                    "ceiling",
+                    "chance",
+                ]
+            ),
+            _row(["---"] * 8),
+        ]
+        for kind, modalities in results["dialogue"].items():
+            for m, rows in modalities.items():
+                for name, r in rows.items():
+                    cells = [kind, m, name]
+                    for sp in SPLITS:
+                        cells += [_fmt(r[sp]["model"]), _fmt(r[sp]["ceiling"])]
+                    lines.append(_row([*cells, _fmt(r["chance"])]))
+        n = counts["dialogue"]
+        lines += [
+            "",
+            "Judged outputs: "
+            + "; ".join(
+                f"{kind} " + ", ".join(f"{m} {c['train']} / {c['heldout']}" for m, c in ms.items())
+                for kind, ms in n.items()
+            )
+            + " (train / held-out). A gold output the answer did not make counts as wrong.",
+        ]
     return "\n".join(lines) + "\n"
 
 
