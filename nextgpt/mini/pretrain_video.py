@@ -41,8 +41,8 @@ def _video_arch() -> TinyDecoderArch:
     """(32, 64, 64): two downsamplings, 32x32 frames -> 8x8x4 latents. Zero terminal SNR: under
     SD's schedule the UNet3D learned to read the trajectory out of the starting noise, so its
     videos moved in a random direction whatever the caption said (0.25 after 2,400 steps). With
-    the rescaled schedule the axis of motion binds (horizontal or vertical, every time in a
-    probe), but not its sign (docs/mini-design.md, section 8)."""
+    the rescaled schedule the axis of motion binds within 300 steps and its sign after about
+    1,500: 1.00 at 2,400 (docs/mini-design.md, section 8)."""
     return TinyDecoderArch(
         norm_groups=8, vae_channels=(32, 64, 64), block_channels=(32, 64), zero_terminal_snr=True
     )
@@ -61,9 +61,8 @@ class VideoDecoderTraining:
     text_steps: int = 300
     text_batch: int = 64
     text_lr: float = 2e-3
-    # 0.93 s/step at batch 16 on one quiet core. After 1,100 steps (17 min) shape and colour had
-    # bound (0.92 / 0.83 on train combinations) but direction had not (0.33): the videos moved, in
-    # a direction unrelated to the caption. Direction binds last, so it gets 2,400 steps (~37 min)
+    # 0.93 s/step at batch 16 on one core. Direction binds last (under the zero-SNR schedule:
+    # 0.50 at 1,200 steps, 1.00 at 1,800), so it gets 2,400 steps (~37 min)
     unet_steps: int = 2400
     unet_batch: int = 16
     unet_lr: float = 1e-3
