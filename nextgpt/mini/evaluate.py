@@ -342,6 +342,22 @@ class _Tally:
         return len(self.hits.get(key, []))
 
 
+def _judged_rows(
+    world: World, modality: str, model: _Tally, ceiling: _Tally, prefix: tuple[str, ...]
+) -> dict[str, dict[str, Any]]:
+    """Per attribute of `modality` (and `all`): chance, and per split the model's accuracy, the
+    ceiling's and their ratio, from tallies keyed (*prefix, modality, attribute, split)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, chance in attribute_chance(world, modality).items():
+        row: dict[str, Any] = {"chance": chance}
+        for sp in SPLITS:
+            acc = model.mean((*prefix, modality, name, sp))
+            top = ceiling.mean((*prefix, modality, name, sp))
+            row[sp] = {"model": acc, "ceiling": top, "ratio": _ratio(acc, top)}
+        rows[name] = row
+    return rows
+
+
 def _ratio(model: float | None, ceiling: float | None) -> float | None:
     if model is None or not ceiling:
         return None
@@ -549,16 +565,9 @@ def evaluate(
         key: {**{sp: routes.mean((key, sp)) for sp in SPLITS}, "chance": ROUTING_CHANCE}
         for key in (*KINDS, ALL)
     }
-    generation_rows: dict[str, dict[str, dict[str, Any]]] = {}
-    for m in gen_modalities:
-        generation_rows[m] = {}
-        for name, c in attribute_chance(world, m).items():
-            row: dict[str, Any] = {"chance": c}
-            for sp in SPLITS:
-                acc = model_gen.mean((m, name, sp))
-                top = ceiling_gen.mean((m, name, sp))
-                row[sp] = {"model": acc, "ceiling": top, "ratio": _ratio(acc, top)}
-            generation_rows[m][name] = row
+    generation_rows = {
+        m: _judged_rows(world, m, model_gen, ceiling_gen, ()) for m in gen_modalities
+    }
     dialogue_rows: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     dialogue_counts: dict[str, dict[str, dict[str, int]]] = {}
     for kind in DIALOGUE_KINDS:
@@ -568,14 +577,9 @@ def evaluate(
             dialogue_counts.setdefault(kind, {})[m] = {
                 sp: dialogue_gen.count((kind, m, ALL, sp)) for sp in SPLITS
             }
-            rows = dialogue_rows.setdefault(kind, {}).setdefault(m, {})
-            for name, c in attribute_chance(world, m).items():
-                row = {"chance": c}
-                for sp in SPLITS:
-                    acc = dialogue_gen.mean((kind, m, name, sp))
-                    top = dialogue_ceiling.mean((kind, m, name, sp))
-                    row[sp] = {"model": acc, "ceiling": top, "ratio": _ratio(acc, top)}
-                rows[name] = row
+            dialogue_rows.setdefault(kind, {})[m] = _judged_rows(
+                world, m, dialogue_gen, dialogue_ceiling, (kind,)
+            )
     counts = {
         "caption": {m: {sp: captions.count((m, ALL, sp)) for sp in SPLITS} for m in MODALITIES},
         "routing": {k: {sp: routes.count((k, sp)) for sp in SPLITS} for k in (*KINDS, ALL)},
@@ -609,6 +613,11 @@ def _fmt(value: float | None) -> str:
 
 def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def _judged_cells(row: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
+    """A `_judged_rows` row as table cells: `fields` per split, then chance."""
+    return [*(_fmt(row[sp][f]) for sp in SPLITS for f in fields), _fmt(row["chance"])]
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -676,10 +685,7 @@ def format_table(results: dict[str, Any]) -> str:
     ]
     for m, rows in results["generation"].items():
         for name, r in rows.items():
-            cells = [m, name]
-            for sp in SPLITS:
-                cells += [_fmt(r[sp]["model"]), _fmt(r[sp]["ceiling"]), _fmt(r[sp]["ratio"])]
-            lines.append(_row([*cells, _fmt(r["chance"])]))
+            lines.append(_row([m, name, *_judged_cells(r, ("model", "ceiling", "ratio"))]))
     n = counts["generation"]
     lines += [
         "",
@@ -715,10 +721,7 @@ def format_table(results: dict[str, Any]) -> str:
         for kind, modalities in results["dialogue"].items():
             for m, rows in modalities.items():
                 for name, r in rows.items():
-                    cells = [kind, m, name]
-                    for sp in SPLITS:
-                        cells += [_fmt(r[sp]["model"]), _fmt(r[sp]["ceiling"])]
-                    lines.append(_row([*cells, _fmt(r["chance"])]))
+                    lines.append(_row([kind, m, name, *_judged_cells(r, ("model", "ceiling"))]))
         n = counts["dialogue"]
         lines += [
             "",
