@@ -162,6 +162,9 @@ class OutputProjectorConfig:
     ff_dim: int = 2048
     dropout: float = 0.0
     add_input_embeddings: bool = True  # reference code adds the signal tokens' input embeddings
+    # Subtract a learned offset per signal position, initialised to the mean signal state of the
+    # first training batch (off in the reference; see OutputProjector for why the miniature uses it)
+    centre_inputs: bool = False
 
 
 @dataclass

@@ -101,3 +101,63 @@ def test_paper_size_parameter_count(
     print(f"output projector {cond_len}x{cond_dim}: {n / 1e6:.2f}M parameters")
     assert out.shape == (1, cond_len, cond_dim)
     assert n == pytest.approx(millions * 1e6, rel=1e-3)  # the paper's "~31M"
+
+
+def test_centring_is_off_by_default_and_adds_nothing_to_the_state() -> None:
+    """The reference layout (and the released checkpoint's keys) stays as it was."""
+    proj = OutputProjector(TINY, 24, 4, 5, 8)
+    assert proj.input_offset is None and not proj.needs_offset
+    assert not any("offset" in k for k in proj.state_dict())
+    with pytest.raises(ValueError, match="without centre_inputs"):
+        proj.set_input_offset(torch.zeros(4, 24))
+
+
+def test_input_offset_is_set_once_validated_and_saved() -> None:
+    centred = dataclasses.replace(TINY, centre_inputs=True)
+    proj = OutputProjector(centred, 24, 4, 5, 8).eval()
+    assert proj.needs_offset
+    with pytest.raises(ValueError, match=r"\(4, 24\).*\(24,\)"):
+        proj.set_input_offset(torch.zeros(24))
+    mean = torch.randn(4, 24)
+    proj.set_input_offset(mean)
+    assert not proj.needs_offset
+    hidden = torch.randn(2, 4, 24)
+    with torch.no_grad():  # the offset is subtracted from what the projector reads
+        plain = OutputProjector(TINY, 24, 4, 5, 8).eval()
+        plain.load_state_dict({k: v for k, v in proj.state_dict().items() if "offset" not in k})
+        torch.testing.assert_close(proj(hidden + mean), plain(hidden))
+    again = OutputProjector(centred, 24, 4, 5, 8)
+    again.load_state_dict(proj.state_dict())
+    assert not again.needs_offset and torch.equal(again.input_offset, proj.input_offset)
+
+
+def _fit(proj: OutputProjector, hidden: torch.Tensor, target: torch.Tensor, steps: int) -> float:
+    opt = torch.optim.Adam(proj.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.mse_loss(proj(hidden), target)
+        loss.backward()
+        opt.step()
+    return loss.item()
+
+
+def test_centring_learns_a_small_signal_on_a_large_constant_faster() -> None:
+    """Signal-token states are a large per-position constant plus a small request-dependent part
+    (what the miniature's LLM gives); centred, the projector reads that part much sooner."""
+    torch.manual_seed(0)
+    signals, llm_dim, classes = 4, 32, 6
+    constant = 4.0 * torch.randn(signals, llm_dim)
+    codes = 0.3 * torch.randn(classes, signals, llm_dim)
+    targets = torch.randn(classes, 5, 8)
+    label = torch.arange(48) % classes
+    hidden = constant + codes[label] + 0.02 * torch.randn(48, signals, llm_dim)
+    losses = {}
+    for centre in (False, True):
+        torch.manual_seed(1)
+        config = dataclasses.replace(TINY, centre_inputs=centre, add_input_embeddings=False)
+        proj = OutputProjector(config, llm_dim, signals, 5, 8)
+        if centre:
+            proj.set_input_offset(hidden[:16].mean(0))  # one batch's mean, as the trainer does
+        losses[centre] = _fit(proj, hidden, targets[label], 150)
+    print(f"MSE after 150 steps: raw {losses[False]:.3f}, centred {losses[True]:.3f}")
+    assert losses[True] < 0.5 * losses[False]

@@ -166,3 +166,46 @@ def test_streaming_from_tar_shards(toy, tmp_path):
     config.max_steps = 0
     with pytest.raises(ValueError, match="needs max_steps"):
         train(config)
+
+
+def test_stage2_starts_centring_projectors_at_the_data_mean(toy, tmp_path):
+    """A centring output projector's offset starts at the mean of what it reads over the first
+    batch (here every record in one batch, and a learning rate too small to move it after)."""
+    import dataclasses
+
+    from nextgpt.config import tiny_config
+    from nextgpt.data.dataset import SampleEncoder, collate_encoded
+    from nextgpt.data.formats import read_samples
+
+    config = tiny_config()
+    config.output_projector = dataclasses.replace(config.output_projector, centre_inputs=True)
+    NextGPT.from_config(config).save_pretrained(tmp_path / "model")
+    model = NextGPT.from_pretrained(tmp_path / "model")
+    assert all(p.needs_offset for p in model.output_projectors.values())
+    samples = read_samples(toy["stage2"]).samples
+    encoder = SampleEncoder.for_model(model)
+    batch = collate_encoded([encoder(s) for s in samples], model.llm.tokenizer.pad_token_id)
+    modalities = sorted(batch.targets)
+    sums = model.signal_input_sums(batch, modalities)
+
+    run = stage3_config(
+        toy,
+        tmp_path / "run",
+        stage=2,
+        model=str(tmp_path / "model"),
+        lr=1e-9,
+        batch_size=len(samples),
+        grad_accum=1,
+        max_steps=1,
+        save_every=0,
+    )
+    run.data = DataConfig(train=(DataSource(str(toy["stage2"])),), max_length=256)
+    result = train(run)
+    trained = load_file(result.checkpoint / "trainable.safetensors")
+    assert len(modalities) >= 2
+    for m in modalities:
+        total, count = sums[m]
+        offset = trained[f"output_projectors.{m}.input_offset"]
+        assert bool(trained[f"output_projectors.{m}.offset_ready"])
+        assert offset.abs().mean() > 0.1  # the states' large per-position part, now removed
+        torch.testing.assert_close(offset, total / count, atol=1e-4, rtol=1e-4)

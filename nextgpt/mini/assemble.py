@@ -45,6 +45,19 @@ def conditioning_shape(modality: str, arch: TinyDecoderArch) -> tuple[int, int]:
     return arch.text_max_length, arch.text_width
 
 
+def mini_output_projector() -> OutputProjectorConfig:
+    """The miniature's output projectors: small, and centring their inputs (without it the
+    stage-2 projector read video direction and audio timbre at chance: docs/mini-design.md §8)."""
+    return OutputProjectorConfig(
+        hidden_dim=64,
+        num_heads=2,
+        encoder_layers=1,
+        decoder_layers=1,
+        ff_dim=128,
+        centre_inputs=True,
+    )
+
+
 def mini_config(
     encoder: EncoderConfig,
     llm_dir: str,
@@ -82,9 +95,7 @@ def mini_config(
         input_projector=input_projector,
         llm=LLMConfig(pretrained=llm_dir, template="vicuna_v1"),
         signal_tokens=SignalTokenConfig(image=4, audio=4, video=8),
-        output_projector=OutputProjectorConfig(
-            hidden_dim=64, num_heads=2, encoder_layers=1, decoder_layers=1, ff_dim=128
-        ),
+        output_projector=mini_output_projector(),
         decoders=decoder_configs,
     )
 

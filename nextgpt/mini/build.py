@@ -357,12 +357,21 @@ def ablation_table(grouping: dict[str, Any], linear: dict[str, Any]) -> str:
 
 def _stage_settings(number: int, projector: str = "") -> Callable[[Scale], Any]:
     """A stage's hashed settings: the scale's overrides, the recipe's text, the decoder
-    architectures recorded in the model config and (stage 1) the input projector."""
+    architectures and output projectors recorded in the model config and (stage 1) the input
+    projector."""
 
     def settings(s: Scale) -> dict[str, Any]:
+        from nextgpt.mini.assemble import mini_output_projector
+
         arches = [s.image_decoder.arch, s.audio_decoder.arch, s.video_decoder.arch]
         recipe = stage_yaml(number).read_text()
-        return {"stage": s.stage, "recipe": recipe, "arches": arches, "projector": projector}
+        return {
+            "stage": s.stage,
+            "recipe": recipe,
+            "arches": arches,
+            "projector": projector,
+            "output_projector": mini_output_projector(),
+        }
 
     return settings
 
