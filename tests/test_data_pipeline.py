@@ -235,3 +235,27 @@ def test_captions_are_collected_from_json_and_shards(toy, tmp_path):
     assert len(captions["image"]) == len(set(captions["image"])) == 3
     assert set(captions["audio"]) == {"a low tone", "a high tone"}
     assert captions["video"] == ["a red flash", "a green flash", "a blue flash"]
+
+
+def test_json_record_whose_media_fail_to_load_is_replaced_with_skip_bad(tiny_model, tmp_path):
+    """A JSON record parses (so reading it cannot skip it) but its image is broken: in the
+    DataLoader this stopped training even with skip_bad_records. Now the next record that loads
+    takes its place, and the error still names the file and record without skip_bad."""
+    from nextgpt.data.dataset import ConversationDataset
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    turns = [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "x"}]
+    plain = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "two"}]
+    data = tmp_path / "d.json"
+    data.write_text(
+        json.dumps([{"conversations": turns, "image": "broken.png"}, {"conversations": plain}])
+    )
+    samples = read_samples(data).samples
+    encoder = SampleEncoder.for_model(tiny_model)
+    with pytest.raises(DataError, match=r"d\.json: record 0: .*broken\.png"):
+        ConversationDataset(samples, encoder)[0]
+    replaced = ConversationDataset(samples, encoder, skip_bad=True)[0]
+    assert replaced.input_ids == encoder(samples[1]).input_ids
+    only_bad = ConversationDataset(samples[:1], encoder, skip_bad=True)
+    with pytest.raises(DataError, match=r"1 records in a row from index 0.*broken\.png"):
+        only_bad[0]

@@ -209,3 +209,25 @@ def test_stage2_starts_centring_projectors_at_the_data_mean(toy, tmp_path):
         assert bool(trained[f"output_projectors.{m}.offset_ready"])
         assert offset.abs().mean() > 0.1  # the states' large per-position part, now removed
         torch.testing.assert_close(offset, total / count, atol=1e-4, rtol=1e-4)
+
+
+def test_a_crash_while_resaving_a_step_recovers_the_old_copy(toy, tmp_path):
+    """Re-saving the step `latest` names moves the old copy aside first; a crash before the new
+    copy is in place must not lose the checkpoint."""
+    full = train(stage3_config(toy, tmp_path / "run", max_steps=3, save_every=3))
+    final = full.checkpoint
+    before = load_file(final / "trainable.safetensors")
+    aside = final.with_name(f".{final.name}.old")
+    final.rename(aside)  # the state right after the first rename of the re-save
+    assert ckpt.latest_checkpoint(tmp_path / "run") == final
+    after = load_file(final / "trainable.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not aside.exists()
+
+
+def test_gpu_rng_states_are_restored_in_device_order():
+    states = {"cpu": torch.zeros(3)} | {f"cuda{i}": torch.full((2,), i) for i in range(12)}
+    assert [int(s[0]) for s in ckpt.cuda_rng_states(states)] == list(range(12))
+    del states["cuda7"]
+    with pytest.raises(ValueError, match="cuda7"):
+        ckpt.cuda_rng_states(states)

@@ -9,6 +9,7 @@ resumed run starts at the step where it stopped, without replaying the data.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from nextgpt.data.targets import TargetMedia
 from nextgpt.media import MediaError
 from nextgpt.model import encoder_input
 from nextgpt.signal_tokens import SignalTokens
+
+logger = logging.getLogger(__name__)
 
 
 class SampleEncoder:
@@ -142,17 +145,41 @@ def collate_encoded(items: list[EncodedConversation], pad_id: int) -> Batch:
 
 
 class ConversationDataset(Dataset):
-    """Samples in memory, encoded (files loaded) on access, in DataLoader workers if any."""
+    """Samples in memory, encoded (files loaded) on access, in DataLoader workers if any.
 
-    def __init__(self, samples: list[Sample], encoder: SampleEncoder) -> None:
+    With `skip_bad`, a record whose media fail to load (found only here, when its files are read)
+    is logged with its file and record and replaced by the next record that loads, so every
+    micro-batch keeps its size and the data order stays a function of the step (exact resume).
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        encoder: SampleEncoder,
+        skip_bad: bool = False,
+        max_skips: int = 100,
+    ) -> None:
         self.samples = samples
         self.encoder = encoder
+        self.skip_bad = skip_bad
+        self.max_skips = max_skips
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> EncodedConversation:
-        return self.encoder(self.samples[index])
+        if not self.skip_bad:
+            return self.encoder(self.samples[index])
+        errors: list[str] = []
+        for k in range(min(self.max_skips, len(self.samples))):
+            try:
+                return self.encoder(self.samples[(index + k) % len(self.samples)])
+            except DataError as e:
+                errors.append(str(e))
+                logger.warning("skipped a record whose files do not load: %s", e)
+        raise DataError(
+            f"{len(errors)} records in a row from index {index} failed to load; first: {errors[0]}"
+        )
 
 
 class StepBatchSampler(Sampler[list[int]]):

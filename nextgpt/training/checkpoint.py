@@ -49,6 +49,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(run_dir) / pointer.read_text().strip()
+    previous = path.with_name(f".{path.name}.old")
+    if not path.is_dir() and previous.is_dir():
+        # a crash while a resumed run re-saved this step, between moving the old copy aside and
+        # moving the new one in: the old copy is complete, so it is the checkpoint
+        os.replace(previous, path)
     return path if path.is_dir() else None
 
 
@@ -232,9 +237,18 @@ def _write_rng(path: Path) -> None:
 def _read_rng(path: Path) -> None:
     states = load_file(path)
     torch.set_rng_state(states["cpu"])
-    cuda = [states[k] for k in sorted(states) if k.startswith("cuda")]
+    cuda = cuda_rng_states(states)
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+
+
+def cuda_rng_states(states: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The saved per-GPU states in device order (a string sort would put cuda10 before cuda2)."""
+    count = sum(k.startswith("cuda") for k in states)
+    missing = [f"cuda{i}" for i in range(count) if f"cuda{i}" not in states]
+    if missing:
+        raise ValueError(f"RNG state file lacks {missing} among {count} GPU states")
+    return [states[f"cuda{i}"] for i in range(count)]
 
 
 def merge_lora(checkpoint: str | Path, out_dir: str | Path) -> Path:

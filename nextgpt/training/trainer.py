@@ -358,7 +358,7 @@ class _Data:
                 start_step=start_step,
             )
             self.train_loader = DataLoader(
-                ConversationDataset(samples, encoder),
+                ConversationDataset(samples, encoder, skip_bad=dc.skip_bad_records),
                 batch_sampler=sampler,
                 collate_fn=collate,
                 num_workers=dc.num_workers,
@@ -366,7 +366,7 @@ class _Data:
             )
         if eval_samples:
             self.eval_loader = DataLoader(
-                ConversationDataset(eval_samples, encoder),
+                ConversationDataset(eval_samples, encoder, skip_bad=dc.skip_bad_records),
                 batch_sampler=EvalBatchSampler(
                     len(eval_samples), config.batch_size, processes, rank
                 ),
