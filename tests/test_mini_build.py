@@ -208,3 +208,43 @@ def test_config_hash_covers_the_world_config(monkeypatch):
     )
     monkeypatch.setattr(world_module, "WorldConfig", changed)
     assert mini_build.config_hash(part, scale, 0, {}) != before
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="POSIX signals only")
+def test_a_worker_takes_more_threads_when_the_builder_signals(tmp_path):
+    """A part started beside another keeps one thread unless the builder widens it; the worker
+    side is this process here (the handler runs in the main thread, where torch's count lives)."""
+    import os
+    import signal
+    import time
+
+    import torch
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    previous = signal.getsignal(signal.SIGUSR1)
+    torch.set_num_threads(1)
+    try:
+        # no handler yet: the builder must not signal (SIGUSR1 would kill the worker)
+        assert not mini_build.widen_worker(logs, "stage2", os.getpid(), 2)
+        mini_build.accept_more_threads(logs, "stage2")
+        assert not mini_build.widen_worker(logs, "stage2", os.getpid() + 1, 2)  # stale marker
+        assert mini_build.widen_worker(logs, "stage2", os.getpid(), 2)
+        for _ in range(100):  # the handler runs at the next bytecode boundary
+            if torch.get_num_threads() == 2:
+                break
+            time.sleep(0.01)
+        assert torch.get_num_threads() == 2
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_part_counts_as_alone_only_when_nothing_else_can_start():
+    parts = {p.name: p for p in mini_build.PARTS}
+    running = {"stage2": None}
+    done = {n: {} for n in ("data", "judges", "encoder", "llm", "stage1")}
+    # the ablation could still start beside stage 2
+    assert mini_build._lone_part(running, [parts["stage1-grouping"]], done) is None
+    done["stage1-grouping"] = {}
+    assert mini_build._lone_part(running, [parts["stage3"]], done) == "stage2"
+    assert mini_build._lone_part({**running, "eval": None}, [], done) is None

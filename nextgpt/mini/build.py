@@ -567,12 +567,16 @@ def build_parallel(
     def say(text: str) -> None:
         print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {text}", flush=True)
 
+    threads_of: dict[str, int] = {}
     while (pending and not failed) or running:
         ready = [p for p in pending if all(n in records for n in p.needs)] if not failed else []
         for part in ready[: jobs - len(running)]:
             pending.remove(part)
             # a part that runs alone (the stages at the end form a chain) gets every thread
             threads = jobs if len(ready) == 1 and not running else 1
+            threads_of[part.name] = threads
+            for suffix in (THREADS_SUFFIX, WIDENABLE_SUFFIX):
+                (logs / f"{part.name}{suffix}").unlink(missing_ok=True)
             command = [sys.executable, "-m", "nextgpt", "mini", "build", "--out", str(root)]
             command += ["--scale", scale, "--only", part.name, "--seed", str(seed)]
             command += ["--threads", str(threads), "--jobs", "1"]
@@ -592,6 +596,14 @@ def build_parallel(
             if process.returncode == 0 and done is not None:
                 records[name] = done
                 say(f"finished {name} in {done['seconds'] / 60:.1f} min")
+                lone = _lone_part(running, pending, records)
+                if (
+                    lone is not None
+                    and threads_of[lone] < jobs
+                    and widen_worker(logs, lone, running[lone].pid, jobs)
+                ):
+                    threads_of[lone] = jobs
+                    say(f"{lone} now runs alone: {jobs} threads")
             else:
                 failed.append(name)
                 tail = (logs / f"{name}.log").read_text(errors="replace")[-2000:]
@@ -601,6 +613,56 @@ def build_parallel(
         left = ", ".join(p.name for p in pending)
         raise UsageError(f"mini build stopped, {what}; not built: {left}")
     return records
+
+
+def _lone_part(
+    running: dict[str, subprocess.Popen], pending: list[Part], records: dict[str, Any]
+) -> str | None:
+    """The one running part, when nothing else can start before it ends."""
+    if len(running) != 1 or any(all(n in records for n in p.needs) for p in pending):
+        return None
+    return next(iter(running))
+
+
+# A worker started beside another gets one thread, and torch cannot be given more from outside:
+# the builder writes the count it wants to `<logs>/<part>.threads` and sends SIGUSR1, and the
+# worker's handler (in its main thread, where torch's thread count lives) takes it. The worker
+# writes `<part>.widenable` once the handler is in place: SIGUSR1 kills a process without one.
+THREADS_SUFFIX, WIDENABLE_SUFFIX = ".threads", ".widenable"
+
+
+def widen_worker(logs: Path, part: str, pid: int, threads: int) -> bool:
+    """Ask a running worker to use `threads` torch threads; False if it cannot take the signal."""
+    import signal
+
+    marker = logs / f"{part}{WIDENABLE_SUFFIX}"
+    if not hasattr(signal, "SIGUSR1") or not marker.is_file():
+        return False
+    if marker.read_text().strip() != str(pid):  # left by an earlier worker of this part
+        return False
+    (logs / f"{part}{THREADS_SUFFIX}").write_text(f"{threads}\n")
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def accept_more_threads(logs: Path, part: str) -> None:
+    """In a worker: take the thread count the builder writes, when it signals."""
+    import signal
+
+    if not hasattr(signal, "SIGUSR1"):
+        return
+
+    def take(signum: int, frame: Any) -> None:
+        import torch
+
+        with contextlib.suppress(OSError, ValueError):
+            torch.set_num_threads(int((logs / f"{part}{THREADS_SUFFIX}").read_text()))
+
+    signal.signal(signal.SIGUSR1, take)
+    (logs / f"{part}{WIDENABLE_SUFFIX}").write_text(f"{os.getpid()}\n")
 
 
 def _thread_env(threads: int) -> dict[str, str]:
@@ -638,6 +700,9 @@ def _build(args: argparse.Namespace) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if args.only is not None:  # maybe a worker of build_parallel, which may widen it
+            (args.out / "logs").mkdir(parents=True, exist_ok=True)
+            accept_more_threads(args.out / "logs", args.only)
         records = build(args.out, args.scale, args.only, args.seed)
     for name, record in records.items():
         print(f"{name}: done in {record['seconds']} s -> {args.out / name}")
