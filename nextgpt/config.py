@@ -162,9 +162,10 @@ class OutputProjectorConfig:
     ff_dim: int = 2048
     dropout: float = 0.0
     add_input_embeddings: bool = True  # reference code adds the signal tokens' input embeddings
-    # Subtract a learned offset per signal position, initialised to the mean signal state of the
-    # first training batch (off in the reference; see OutputProjector for why the miniature uses it)
+    # Subtract the running mean input per signal position (off in the reference; see
+    # OutputProjector for why the miniature uses it), updated by this fraction per training batch
     centre_inputs: bool = False
+    centre_momentum: float = 0.05
 
 
 @dataclass

@@ -333,35 +333,11 @@ class NextGPT(nn.Module):
     def project_signal(
         self, modality: str, input_ids: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor
     ) -> torch.Tensor:
-        h, e = self._signal_states(modality, input_ids, hidden, embeds)
-        return self.output_projectors[modality](h, e)
-
-    def _signal_states(
-        self, modality: str, input_ids: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, S, width) LLM states and input embeddings of each signal group of `modality`."""
         positions = self.signal_groups(input_ids, modality)
         width = hidden.shape[-1]
         h = hidden.reshape(-1, width)[positions]
         e = embeds.reshape(-1, width)[positions]
-        return h.float(), e.float()
-
-    @torch.no_grad()
-    def signal_input_sums(
-        self, batch: Batch, modalities: list[str]
-    ) -> dict[str, tuple[torch.Tensor, int]]:
-        """Sum and count of what each modality's output projector reads, over the batch's complete
-        signal groups: the data that starts a centring projector's offset (see OutputProjector)."""
-        embeds = self.embed_inputs(batch.input_ids, batch.media)
-        _, hidden, _ = self.llm(
-            embeds, attention_mask=batch.attention_mask, output_hidden_states=True
-        )
-        sums = {}
-        for modality in modalities:
-            h, e = self._signal_states(modality, batch.input_ids, hidden, embeds)
-            x = self.output_projectors[modality].inputs(h, e)
-            sums[modality] = (x.sum(0), x.shape[0])
-        return sums
+        return self.output_projectors[modality](h.float(), e.float())
 
     def caption_targets(
         self, modality: str, captions: list[str | None], embeddings: list[torch.Tensor | None]

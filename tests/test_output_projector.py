@@ -106,58 +106,56 @@ def test_paper_size_parameter_count(
 def test_centring_is_off_by_default_and_adds_nothing_to_the_state() -> None:
     """The reference layout (and the released checkpoint's keys) stays as it was."""
     proj = OutputProjector(TINY, 24, 4, 5, 8)
-    assert proj.input_offset is None and not proj.needs_offset
-    assert not any("offset" in k for k in proj.state_dict())
-    with pytest.raises(ValueError, match="without centre_inputs"):
-        proj.set_input_offset(torch.zeros(4, 24))
+    assert not any("mean" in k for k in proj.state_dict())
 
 
-def test_input_offset_is_set_once_validated_and_saved() -> None:
-    centred = dataclasses.replace(TINY, centre_inputs=True)
-    proj = OutputProjector(centred, 24, 4, 5, 8).eval()
-    assert proj.needs_offset
-    with pytest.raises(ValueError, match=r"\(4, 24\).*\(24,\)"):
-        proj.set_input_offset(torch.zeros(24))
-    mean = torch.randn(4, 24)
-    proj.set_input_offset(mean)
-    assert not proj.needs_offset
-    hidden = torch.randn(2, 4, 24)
-    with torch.no_grad():  # the offset is subtracted from what the projector reads
+def test_running_mean_tracks_training_batches_and_is_saved() -> None:
+    torch.manual_seed(0)
+    centred = dataclasses.replace(TINY, centre_inputs=True, centre_momentum=0.25)
+    proj = OutputProjector(centred, 24, 4, 5, 8)
+    first, second = torch.randn(3, 4, 24) + 5.0, torch.randn(3, 4, 24) - 5.0
+    proj(first)  # the first training batch sets the mean ...
+    torch.testing.assert_close(proj.input_mean, first.mean(0))
+    proj(second)  # ... later ones move it by the momentum
+    expected = 0.75 * first.mean(0) + 0.25 * second.mean(0)
+    torch.testing.assert_close(proj.input_mean, expected)
+    proj.eval()
+    with torch.no_grad():
+        out = proj(first)  # inference reads the mean and leaves it
+        torch.testing.assert_close(proj.input_mean, expected)
         plain = OutputProjector(TINY, 24, 4, 5, 8).eval()
-        plain.load_state_dict({k: v for k, v in proj.state_dict().items() if "offset" not in k})
-        torch.testing.assert_close(proj(hidden + mean), plain(hidden))
+        plain.load_state_dict({k: v for k, v in proj.state_dict().items() if "mean" not in k})
+        torch.testing.assert_close(out, plain(first - expected))
     again = OutputProjector(centred, 24, 4, 5, 8)
     again.load_state_dict(proj.state_dict())
-    assert not again.needs_offset and torch.equal(again.input_offset, proj.input_offset)
+    assert bool(again.mean_ready) and torch.equal(again.input_mean, proj.input_mean)
 
 
-def _fit(proj: OutputProjector, hidden: torch.Tensor, target: torch.Tensor, steps: int) -> float:
-    opt = torch.optim.Adam(proj.parameters(), lr=3e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = F.mse_loss(proj(hidden), target)
-        loss.backward()
-        opt.step()
-    return loss.item()
-
-
-def test_centring_learns_a_small_signal_on_a_large_constant_faster() -> None:
-    """Signal-token states are a large per-position constant plus a small request-dependent part
-    (what the miniature's LLM gives); centred, the projector reads that part much sooner."""
+def test_centring_learns_a_small_signal_on_a_large_drifting_constant_faster() -> None:
+    """Signal-token states are a large per-position constant plus a small request-dependent part,
+    and the constant drifts while stage 2 trains the signal rows (what the miniature's LLM
+    gives); centred by the running mean, the projector reads the small part much sooner."""
     torch.manual_seed(0)
-    signals, llm_dim, classes = 4, 32, 6
-    constant = 4.0 * torch.randn(signals, llm_dim)
-    codes = 0.3 * torch.randn(classes, signals, llm_dim)
+    signals, llm_dim, classes, steps = 4, 32, 12, 200
+    start, end = 4.0 * torch.randn(signals, llm_dim), 4.0 * torch.randn(signals, llm_dim)
+    codes = 0.1 * torch.randn(classes, signals, llm_dim)
     targets = torch.randn(classes, 5, 8)
-    label = torch.arange(48) % classes
-    hidden = constant + codes[label] + 0.02 * torch.randn(48, signals, llm_dim)
-    losses = {}
+    final = {}
     for centre in (False, True):
         torch.manual_seed(1)
         config = dataclasses.replace(TINY, centre_inputs=centre, add_input_embeddings=False)
         proj = OutputProjector(config, llm_dim, signals, 5, 8)
-        if centre:
-            proj.set_input_offset(hidden[:16].mean(0))  # one batch's mean, as the trainer does
-        losses[centre] = _fit(proj, hidden, targets[label], 150)
-    print(f"MSE after 150 steps: raw {losses[False]:.3f}, centred {losses[True]:.3f}")
-    assert losses[True] < 0.5 * losses[False]
+        opt = torch.optim.Adam(proj.parameters(), lr=3e-3)
+        for step in range(steps):
+            label = torch.randint(0, classes, (16,))
+            constant = torch.lerp(start, end, min(1.0, 2 * step / steps))  # drifts, then stays
+            loss = F.mse_loss(proj(constant + codes[label]), targets[label])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        proj.eval()
+        label = torch.arange(classes)
+        with torch.no_grad():
+            final[centre] = F.mse_loss(proj(end + codes[label]), targets[label]).item()
+    print(f"MSE after {steps} steps: raw {final[False]:.3f}, centred {final[True]:.3f}")
+    assert final[True] < 0.5 * final[False]

@@ -138,7 +138,6 @@ def train(config: TrainConfig) -> TrainResult:
     if data.eval_loader is not None and resume_from is None:  # the baseline to improve on
         evals.append(_evaluate(unwrapped, plan, data, losses, accelerator, 0))
     set_train_mode(unwrapped, plan)
-    centring = "output_projectors" in plan.groups and bool(_offsets_pending(unwrapped))
     batches = iter(data.train_loader)
     bar = tqdm(
         total=data.total_steps,
@@ -154,8 +153,6 @@ def train(config: TrainConfig) -> TrainResult:
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(config.grad_accum):
             batch = next(batches).to(accelerator.device)
-            if centring:
-                centring = centre_output_projectors(unwrapped, batch, accelerator)
             with accelerator.accumulate(model):
                 out = model(batch, losses=losses)
                 accelerator.backward(out.loss)
@@ -193,26 +190,6 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(run_dir, last_saved or resume_from, history, evals, data.skipped)
 
 
-def _offsets_pending(model: NextGPT) -> list[str]:
-    return [m for m, p in model.output_projectors.items() if p.needs_offset]
-
-
-def centre_output_projectors(model: NextGPT, batch: Any, accelerator: Any) -> bool:
-    """Start each centring output projector's offset at the mean signal state of this training
-    batch (summed over every process, so all replicas start alike); a modality with no signal
-    group anywhere in the batch waits for the next one. Returns whether any is still waiting.
-    A resumed run loads its offsets and never gets here."""
-    pending = _offsets_pending(model)
-    sums = model.signal_input_sums(batch, pending)
-    for modality in pending:
-        total, count = sums[modality]
-        total = accelerator.reduce(total.contiguous(), reduction="sum")
-        count = accelerator.reduce(torch.tensor(float(count), device=total.device), "sum")
-        if count.item() > 0:
-            model.output_projectors[modality].set_input_offset(total / count)
-    return bool(_offsets_pending(model))
-
-
 def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
@@ -227,13 +204,8 @@ def make_optimizer(plan: StagePlan, config: TrainConfig) -> torch.optim.Optimize
     groups = []
     for name, params in plan.groups.items():
         lr = config.lr_groups.get(name, config.lr)
-        # an input offset is a data-set start point, not a weight to shrink
-        decayed = [
-            p.ndim >= 2 and name != "signal_rows" and not key.endswith("input_offset")
-            for key, p in params
-        ]
-        decay = [p for (_, p), d in zip(params, decayed) if d]
-        rest = [p for (_, p), d in zip(params, decayed) if not d]
+        decay = [p for _, p in params if p.ndim >= 2 and name != "signal_rows"]
+        rest = [p for _, p in params if not (p.ndim >= 2 and name != "signal_rows")]
         if decay:
             groups.append(
                 {"params": decay, "lr": lr, "weight_decay": config.weight_decay, "name": name}
