@@ -700,10 +700,18 @@ def _build(args: argparse.Namespace) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        logs = args.out / "logs"
         if args.only is not None:  # maybe a worker of build_parallel, which may widen it
-            (args.out / "logs").mkdir(parents=True, exist_ok=True)
-            accept_more_threads(args.out / "logs", args.only)
-        records = build(args.out, args.scale, args.only, args.seed)
+            logs.mkdir(parents=True, exist_ok=True)
+            accept_more_threads(logs, args.only)
+        try:
+            records = build(args.out, args.scale, args.only, args.seed)
+        finally:
+            if args.only is not None:
+                # the handler stays in place (a late signal must not kill a finished part), but
+                # without the marker the builder sends none, and nothing is left in logs/
+                for suffix in (THREADS_SUFFIX, WIDENABLE_SUFFIX):
+                    (logs / f"{args.only}{suffix}").unlink(missing_ok=True)
     for name, record in records.items():
         print(f"{name}: done in {record['seconds']} s -> {args.out / name}")
     return 0
