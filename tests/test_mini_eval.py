@@ -187,16 +187,17 @@ class RenderingDecoder:
     gold caption it is a perfect decoder; behind a random LLM it draws whatever the projector
     points at."""
 
-    def __init__(self, world: World, modality: str) -> None:
+    def __init__(self, world: World, modality: str, shape: tuple[int, int] | None = None) -> None:
         self.world, self.modality = world, modality
         self.combos = world.combinations(modality, "all")
         self.captions = [world.caption(modality, c) for c in self.combos]
+        self.shape = shape or (1, len(self.combos))  # the conditioning shape it is driven with
 
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        out = torch.zeros(len(captions), 1, len(self.combos))
+        out = torch.zeros(len(captions), self.shape[0] * self.shape[1])
         for i, caption in enumerate(captions):
-            out[i, 0, self.captions.index(caption)] = 1.0
-        return out
+            out[i, self.captions.index(caption)] = 1.0
+        return out.reshape(len(captions), *self.shape)
 
     def generate(self, cond: torch.Tensor, seed: int | None = None, **options) -> list:
         picks = cond.reshape(len(cond), -1)[:, : len(self.combos)].argmax(-1).tolist()
@@ -208,7 +209,9 @@ class RenderingDecoder:
 def test_ceiling_path_judges_real_media_and_the_model_path_does_not(
     world, image_judges, tiny_model, monkeypatch
 ):
-    monkeypatch.setattr(tiny_model, "decoders", {"image": RenderingDecoder(world, "image")})
+    recorded = tiny_model.config.decoders["image"]  # the shape the projector was built for
+    decoder = RenderingDecoder(world, "image", (recorded.cond_len, recorded.cond_dim))
+    monkeypatch.setattr(tiny_model, "decoders", {"image": decoder})
     settings = ev.EvalSettings(
         captions=0, routing=0, generations=12, dialogues=0, generation_tokens=8
     )
@@ -222,6 +225,35 @@ def test_ceiling_path_judges_real_media_and_the_model_path_does_not(
     # the random model's conditioning points at one arbitrary combination, whatever was asked
     assert rows["all"]["train"]["model"] <= 0.5
     assert rows["all"]["train"]["ratio"] == pytest.approx(rows["all"]["train"]["model"])
+    # read back from the conditioning, the same pick: this decoder draws exactly the combination
+    # nearest to it, and the judge names real renders right, so the two verdicts agree per item
+    generations = [r for r in results["items"] if r["section"] == "generation"]
+    agree = [r["conditioning"] == r["correct"] for r in generations]
+    assert len(agree) == 24 and np.mean(agree) >= 0.9
+    read_back = results["conditioning"]["image"]
+    assert read_back["all"]["train"] <= 0.5
+    assert read_back["size"]["chance"] == 0.5
+
+
+def test_nearest_caption_reads_the_combination_back_from_a_conditioning(world):
+    decoder = RenderingDecoder(world, "image")
+    combos, bank = ev.caption_bank(world, "image", decoder)
+    assert len(combos) == 24 and bank.shape == (24, 1, 24)
+    gold = {"shape": "circle", "colour": "yellow", "size": "small"}  # a held-out combination
+    cond = bank[combos.index(gold)] + 0.2 * torch.randn(
+        1, 24, generator=torch.Generator().manual_seed(0)
+    )
+    with pytest.raises(ValueError, match="cannot be compared"):
+        ev.nearest_caption_scores(combos, bank, torch.zeros(2, 24), gold)
+    assert ev.nearest_caption_scores(combos, bank, cond, gold) == {
+        "shape": True,
+        "colour": True,
+        "size": True,
+        "all": True,
+    }
+    other = {**gold, "colour": "red"}
+    scores = ev.nearest_caption_scores(combos, bank, bank[combos.index(other)], gold)
+    assert scores == {"shape": True, "colour": False, "size": True, "all": False}
 
 
 def test_dialogue_outputs_are_judged_only_where_a_decoder_and_judge_exist(
@@ -284,7 +316,7 @@ def test_eval_command_quick_run_on_tiny(world, tiny_model, tmp_path, monkeypatch
     args = _parser().parse_args(argv)
     assert args.handler(args) == 0
     table = capsys.readouterr().out
-    for heading in ("### Captions", "### Routing", "### Generation"):
+    for heading in ("### Captions", "### Routing", "### Generation", "### Conditioning"):
         assert heading in table
     results = json.loads(out.read_text())
     assert results["judges"] == str(model_dir / "judges")
@@ -294,6 +326,7 @@ def test_eval_command_quick_run_on_tiny(world, tiny_model, tmp_path, monkeypatch
         row = results["generation"][m]["all"]
         assert set(row) == {"train", "heldout", "chance"}
         assert set(row["train"]) == {"model", "ceiling", "ratio"}
+        assert set(results["conditioning"][m]["all"]) == {"train", "heldout", "chance"}
         for split in ev.SPLITS:
             assert 0.0 <= row[split]["model"] <= 1.0 and 0.0 <= row[split]["ceiling"] <= 1.0
             assert results["counts"]["generation"][m][split] == 1

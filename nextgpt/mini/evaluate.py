@@ -19,6 +19,12 @@ never saw together), each reported beside its chance level so that a figure is n
    The model answers freely; each gold output is judged against the medium of its modality in the
    same place among the reply's media (missing: wrong), beside the ceiling as in 3.
 
+Beside 3, without decoding anything more: the conditioning that the output projector handed the
+decoder in each generation, read back as the canonical caption whose own text-encoder embedding
+lies nearest to it (L2, over every combination of both splits). Where this names the right
+attribute and the judged medium does not, the decoder lost it; where this is wrong already, the
+LLM and the output projector did.
+
 Items are built from the world, not read from the build's data files, so any model directory can
 be evaluated. They are drawn from streams named "eval" (training uses other streams), and
 attribute combinations are cycled in a seeded order so that every combination of a split is
@@ -313,16 +319,71 @@ class _NoDecoder:
         return [None] * len(cond)
 
 
+class _Recording:
+    """A decoder that keeps the last conditioning it was asked to decode (the rest passes
+    through)."""
+
+    def __init__(self, decoder: Any) -> None:
+        self.decoder = decoder
+        self.last: Any = None
+
+    def generate(self, cond: Any, **options: Any) -> list[Any]:
+        self.last = cond.detach().float().cpu()
+        return self.decoder.generate(cond, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.decoder, name)
+
+
 @contextlib.contextmanager
-def decoders_skipped(model: NextGPT) -> Iterator[None]:
+def _decoders_swapped(model: NextGPT, stand_ins: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Swap the model's decoders for stand-ins (the model keeps them in a plain dict, and
     `generate` still runs the output projectors and lists one medium per emitted group)."""
     original = model.decoders
-    model.decoders = {m: _NoDecoder() for m in original}
+    model.decoders = stand_ins
     try:
-        yield
+        yield stand_ins
     finally:
         model.decoders = original
+
+
+def decoders_skipped(model: NextGPT) -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """No decoding at all: only which signal groups were emitted counts."""
+    return _decoders_swapped(model, {m: _NoDecoder() for m in model.decoders})
+
+
+def conditioning_recorded(model: NextGPT) -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """Decode as usual, keeping per modality the conditioning each decoder was last given."""
+    return _decoders_swapped(model, {m: _Recording(d) for m, d in model.decoders.items()})
+
+
+def caption_bank(world: World, modality: str, decoder: Any) -> tuple[list[dict[str, str]], Any]:
+    """Every combination of `modality` (both splits) and the decoder's own embedding of its
+    canonical caption, (N, L, D): what a conditioning is read back against."""
+    import torch
+
+    combos = world.combinations(modality, "all")
+    with torch.no_grad():
+        bank = decoder.encode_text([world.caption(modality, c) for c in combos])
+    return combos, bank.detach().float().cpu()
+
+
+def nearest_caption_scores(
+    combos: list[dict[str, str]], bank: Any, cond: Any, gold: dict[str, str]
+) -> dict[str, bool]:
+    """Which of `gold`'s attributes the combination nearest to `cond` (mean squared distance to
+    its caption embedding) gets right, and `all`."""
+    flat = bank.reshape(len(combos), -1)
+    if cond.numel() != flat.shape[1]:
+        raise ValueError(
+            f"a conditioning of shape {tuple(cond.shape)} cannot be compared with caption "
+            f"embeddings of shape {tuple(bank.shape[1:])}"
+        )
+    distance = ((flat - cond.reshape(1, -1).to(flat.dtype)) ** 2).mean(1)
+    pick = combos[int(distance.argmin())]
+    scores = {name: pick[name] == value for name, value in gold.items()}
+    scores[ALL] = all(scores.values())
+    return scores
 
 
 class _Tally:
@@ -414,6 +475,8 @@ def evaluate(
     fps = world.config.video_fps
     bar = tqdm(total=total, desc="eval", disable=not progress, unit="item")
     captions, routes, model_gen, ceiling_gen = _Tally(), _Tally(), _Tally(), _Tally()
+    conditioning = _Tally()
+    banks = {m: caption_bank(world, m, model.decoders[m]) for m in gen_modalities}
     dialogue_gen, dialogue_ceiling = _Tally(), _Tally()
     records: list[dict[str, Any]] = []
     sections = ("caption", "routing", "generation", "dialogue")
@@ -478,13 +541,21 @@ def evaluate(
         for i, g in enumerate(plan[split]["generation"]):
             assert judges is not None  # gen_modalities is empty without judges
             seed = s.seed + i
-            reply = model.generate(
-                g.prompt,
-                modalities=[g.modality],
-                max_new_tokens=s.generation_tokens,
-                seed=seed,
-                decoder_options=options,
-            )
+            with conditioning_recorded(model) as recorders:
+                reply = model.generate(
+                    g.prompt,
+                    modalities=[g.modality],
+                    max_new_tokens=s.generation_tokens,
+                    seed=seed,
+                    decoder_options=options,
+                )
+            cond = recorders[g.modality].last
+            if cond is not None:
+                read_back = nearest_caption_scores(*banks[g.modality], cond, g.attributes)
+            else:  # no group emitted: nothing reached the decoder
+                read_back = {k: False for k in [*g.attributes, ALL]}
+            for name, ok in read_back.items():
+                conditioning.add((g.modality, name, split), ok)
             outputs = reply.of(g.modality)
             if outputs:
                 media = judge_input(g.modality, outputs[0], fps)
@@ -501,6 +572,7 @@ def evaluate(
                 "gold": g.attributes,
                 "answer": reply.text,
                 "correct": scores,
+                "conditioning": read_back,
             }
             bar.update()
             if s.ceiling:
@@ -568,6 +640,13 @@ def evaluate(
     generation_rows = {
         m: _judged_rows(world, m, model_gen, ceiling_gen, ()) for m in gen_modalities
     }
+    conditioning_rows = {
+        m: {
+            name: {**{sp: conditioning.mean((m, name, sp)) for sp in SPLITS}, "chance": c}
+            for name, c in attribute_chance(world, m).items()
+        }
+        for m in gen_modalities
+    }
     dialogue_rows: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     dialogue_counts: dict[str, dict[str, dict[str, int]]] = {}
     for kind in DIALOGUE_KINDS:
@@ -598,6 +677,7 @@ def evaluate(
             "majority": {sp: majority_baseline(plan[sp]["routing"]) for sp in SPLITS},
         },
         "generation": generation_rows,
+        "conditioning": conditioning_rows,
         "dialogue": dialogue_rows,
         "skipped": {"generation": skipped},
         "counts": counts,
@@ -698,6 +778,25 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(
             "Not generated: " + ", ".join(f"{m} ({why})" for m, why in skipped.items()) + "."
         )
+    if results["conditioning"]:
+        lines += [
+            "",
+            "### Conditioning (the same generations: the caption nearest to what the output "
+            "projector gave the decoder)",
+            "",
+            _row(["modality", "attribute", "train", "held-out", "chance"]),
+            _row(["---"] * 5),
+        ]
+        for m, rows in results["conditioning"].items():
+            for name, r in rows.items():
+                cells = [_fmt(r["train"]), _fmt(r["heldout"]), _fmt(r["chance"])]
+                lines.append(_row([m, name, *cells]))
+        lines += [
+            "",
+            "Nearest by mean squared distance to the decoder's own embedding of each "
+            "combination's canonical caption, over both splits' combinations. Right here but "
+            "wrong in the judged medium: lost by the decoder; wrong here: lost before it.",
+        ]
     if results["dialogue"]:
         lines += [
             "",
