@@ -11,8 +11,8 @@ token's state is mostly that token's own identity: the part that carries the req
 deviation around a large per-position constant, and a projector fed the raw states learns to
 read it slowly. The constant also moves while stage 2 trains the signal rows from scratch, so a
 mean taken once at the start is soon stale (measured: off by as much as the mean itself after
-6,000 steps), hence the running average. On the miniature's stage-2 states a freshly trained
-video projector reached an L2 of 0.04 centred against 0.27 raw at the same 1,000 steps
+6,000 steps), hence the running average. On the shipped miniature's stage-2 states a freshly
+trained video projector reached an L2 of 0.018 centred against 0.042 raw at the same 1,000 steps
 (docs/mini-design.md section 8).
 """
 
