@@ -419,6 +419,25 @@ def _judged_rows(
     return rows
 
 
+def _split_rows(
+    world: World, modalities: Any, tally: _Tally
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per modality and attribute (and `all`): the accuracy per split from a tally keyed
+    (modality, attribute, split), and chance."""
+    return {
+        m: {
+            name: {**{sp: tally.mean((m, name, sp)) for sp in SPLITS}, "chance": c}
+            for name, c in attribute_chance(world, m).items()
+        }
+        for m in modalities
+    }
+
+
+def _all_wrong(attributes: dict[str, str]) -> dict[str, bool]:
+    """The scores of an output that was never made: every attribute and `all` wrong."""
+    return {k: False for k in [*attributes, ALL]}
+
+
 def _ratio(model: float | None, ceiling: float | None) -> float | None:
     if model is None or not ceiling:
         return None
@@ -476,7 +495,9 @@ def evaluate(
     bar = tqdm(total=total, desc="eval", disable=not progress, unit="item")
     captions, routes, model_gen, ceiling_gen = _Tally(), _Tally(), _Tally(), _Tally()
     conditioning = _Tally()
-    banks = {m: caption_bank(world, m, model.decoders[m]) for m in gen_modalities}
+    # only where generations are asked for: a bank loads the decoder's text encoder
+    asked = {g.modality for p in plan.values() for g in p["generation"]}
+    banks = {m: caption_bank(world, m, model.decoders[m]) for m in gen_modalities if m in asked}
     dialogue_gen, dialogue_ceiling = _Tally(), _Tally()
     records: list[dict[str, Any]] = []
     sections = ("caption", "routing", "generation", "dialogue")
@@ -553,7 +574,7 @@ def evaluate(
             if cond is not None:
                 read_back = nearest_caption_scores(*banks[g.modality], cond, g.attributes)
             else:  # no group emitted: nothing reached the decoder
-                read_back = {k: False for k in [*g.attributes, ALL]}
+                read_back = _all_wrong(g.attributes)
             for name, ok in read_back.items():
                 conditioning.add((g.modality, name, split), ok)
             outputs = reply.of(g.modality)
@@ -561,7 +582,7 @@ def evaluate(
                 media = judge_input(g.modality, outputs[0], fps)
                 scores = judged_scores(judges, g.modality, media, g.attributes)
             else:  # cannot happen when the model honours `modalities`; scored wrong if it does
-                scores = {k: False for k in [*g.attributes, ALL]}
+                scores = _all_wrong(g.attributes)
             for name, ok in scores.items():
                 model_gen.add((g.modality, name, split), ok)
             record = {
@@ -600,7 +621,7 @@ def evaluate(
                 if m not in gen_modalities:
                     continue
                 if data is None:
-                    scores = {k: False for k in [*sample.attributes, ALL]}
+                    scores = _all_wrong(sample.attributes)
                 else:
                     scores = judged_scores(judges, m, judge_input(m, data, fps), sample.attributes)
                 for name, ok in scores.items():
@@ -626,13 +647,7 @@ def evaluate(
         seconds["dialogue"] += time.perf_counter() - start
     bar.close()
 
-    caption_rows: dict[str, dict[str, dict[str, float | None]]] = {}
-    for m in MODALITIES:
-        chance = attribute_chance(world, m)
-        caption_rows[m] = {
-            name: {**{sp: captions.mean((m, name, sp)) for sp in SPLITS}, "chance": c}
-            for name, c in chance.items()
-        }
+    caption_rows = _split_rows(world, MODALITIES, captions)
     routing_rows = {
         key: {**{sp: routes.mean((key, sp)) for sp in SPLITS}, "chance": ROUTING_CHANCE}
         for key in (*KINDS, ALL)
@@ -640,13 +655,7 @@ def evaluate(
     generation_rows = {
         m: _judged_rows(world, m, model_gen, ceiling_gen, ()) for m in gen_modalities
     }
-    conditioning_rows = {
-        m: {
-            name: {**{sp: conditioning.mean((m, name, sp)) for sp in SPLITS}, "chance": c}
-            for name, c in attribute_chance(world, m).items()
-        }
-        for m in gen_modalities
-    }
+    conditioning_rows = _split_rows(world, gen_modalities, conditioning)
     dialogue_rows: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     dialogue_counts: dict[str, dict[str, dict[str, int]]] = {}
     for kind in DIALOGUE_KINDS:
@@ -700,18 +709,27 @@ def _judged_cells(row: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
     return [*(_fmt(row[sp][f]) for sp in SPLITS for f in fields), _fmt(row["chance"])]
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """Markdown tables, one per measurement, chance beside every figure."""
-    counts = results["counts"]
+def _split_table(title: str, rows_of: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """A `_split_rows` result as a markdown table under `title`."""
     lines = [
-        "### Captions (medium -> text, attributes read back with parse_caption)",
+        title,
         "",
         _row(["modality", "attribute", "train", "held-out", "chance"]),
         _row(["---"] * 5),
     ]
-    for m, rows in results["caption"].items():
+    for m, rows in rows_of.items():
         for name, r in rows.items():
             lines.append(_row([m, name, _fmt(r["train"]), _fmt(r["heldout"]), _fmt(r["chance"])]))
+    return lines
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown tables, one per measurement, chance beside every figure."""
+    counts = results["counts"]
+    lines = _split_table(
+        "### Captions (medium -> text, attributes read back with parse_caption)",
+        results["caption"],
+    )
     n = counts["caption"]
     lines += [
         "",
@@ -779,18 +797,12 @@ def format_table(results: dict[str, Any]) -> str:
             "Not generated: " + ", ".join(f"{m} ({why})" for m, why in skipped.items()) + "."
         )
     if results["conditioning"]:
-        lines += [
-            "",
+        lines += [""]
+        lines += _split_table(
             "### Conditioning (the same generations: the caption nearest to what the output "
             "projector gave the decoder)",
-            "",
-            _row(["modality", "attribute", "train", "held-out", "chance"]),
-            _row(["---"] * 5),
-        ]
-        for m, rows in results["conditioning"].items():
-            for name, r in rows.items():
-                cells = [_fmt(r["train"]), _fmt(r["heldout"]), _fmt(r["chance"])]
-                lines.append(_row([m, name, *cells]))
+            results["conditioning"],
+        )
         lines += [
             "",
             "Nearest by mean squared distance to the decoder's own embedding of each "
