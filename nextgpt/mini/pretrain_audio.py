@@ -4,9 +4,10 @@ The phases follow docs/mini-design.md and mirror `pretrain_image.py`:
 1. the mel autoencoder, on the log-mels NExT-GPT's `AudioDecoder.log_mel` computes, so training
    sees exactly the spectrograms inference and stage 2 use;
 2. the vocoder (log-mel -> waveform), without a GAN: L1 on the log-mel of its output plus a
-   multi-resolution STFT loss, on short crops (the vocoder is frame-local, so a quarter second
-   teaches it as much per frame as a second at a quarter of the cost). The vocoder caps the whole
-   audio ceiling, so it is judged on vocoded real mels before the UNet trains;
+   multi-resolution STFT loss, both floored 40 dB below the target crop's peak, plus an L1 on the
+   crop's mean, on short crops (the vocoder is frame-local, so a quarter second teaches it as much
+   per frame as a second at a quarter of the cost). The vocoder caps the whole audio ceiling, so
+   it is judged on vocoded real mels before the UNet trains;
 3. the CLAP text encoder, pretrained with per-attribute linear probes on its normalised projection
    (the very vector the UNet is conditioned on) and frozen, so the conditioning separates pitch,
    timbre and rhythm from the UNet's first step;
@@ -63,6 +64,15 @@ class AudioDecoderTraining:
     vocoder_batch: int = 16
     vocoder_crop: int = 25  # mel frames per crop (10 ms each)
     vocoder_lr: float = 2e-3
+    # the vocoder's log-spectral losses compare magnitudes only down to this far below the target
+    # crop's peak. Unfloored, they also asked it to copy the world's -48 dB noise floor, which a
+    # deterministic vocoder cannot: it drew a comb of frame-rate partials there instead, loud
+    # enough to make pure tones read hollow or buzzy (pure 17 of 63 on the vocoder shipped before;
+    # 2,000-step probes on the same world: pure 55 of 61 floored, 0 of 61 not; mini-design §8)
+    vocoder_floor_db: float = 40.0
+    # L1 on each output crop's mean: neither log-spectral loss sees the mean, and unchecked the
+    # output rode a level near +-0.97, where the final tanh saturates
+    vocoder_mean_weight: float = 10.0
     text_steps: int = 300
     text_batch: int = 64
     text_lr: float = 2e-3
@@ -189,10 +199,10 @@ def reconstruct(pipe: AudioLDMPipeline, mels: torch.Tensor) -> torch.Tensor:
 
 
 # ---- 2. vocoder ---------------------------------------------------------------------------------
-class _RawMel(nn.Module):
-    """The log-mel of `AudioDecoder.log_mel` without its peak normalisation, for the vocoder's loss
-    on crops: a crop's own peak differs from the clip's, so normalising would compare crops at
-    different levels."""
+class _MelMagnitude(nn.Module):
+    """The mel magnitudes behind `AudioDecoder.log_mel`, without its peak normalisation, for the
+    vocoder's loss on crops: a crop's own peak differs from the clip's, so normalising would
+    compare crops at different levels."""
 
     def __init__(self, pipe: AudioLDMPipeline) -> None:
         super().__init__()
@@ -215,10 +225,23 @@ class _RawMel(nn.Module):
         spec = torch.stft(
             wav, self.n_fft, self.hop, self.n_fft, self.window, center=True, return_complex=True
         ).abs()
-        return torch.log((spec.transpose(1, 2) @ self.bank).clamp(min=LOG_FLOOR))
+        return spec.transpose(1, 2) @ self.bank
 
 
-def _stft_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def floored_log_l1(y: torch.Tensor, x: torch.Tensor, floor_db: float) -> torch.Tensor:
+    """L1 between log magnitudes `y` (output) and `x` (target), each first raised to a floor
+    `floor_db` below the target's own peak (per item): detail quieter than that, such as the
+    world's noise floor, is neither asked for nor penalised. `floor_db <= 0` floors at AudioLDM's
+    absolute LOG_FLOOR only."""
+    floor = x.new_full((x.shape[0], 1), LOG_FLOOR)
+    if floor_db > 0:
+        peak = x.flatten(1).amax(dim=1, keepdim=True)
+        floor = torch.maximum(floor, peak * 10 ** (-floor_db / 20))
+    floor = floor.view(-1, *([1] * (x.dim() - 1)))
+    return F.l1_loss(torch.log(torch.maximum(y, floor)), torch.log(torch.maximum(x, floor)))
+
+
+def _stft_loss(y: torch.Tensor, x: torch.Tensor, floor_db: float) -> torch.Tensor:
     """Multi-resolution log-magnitude L1: short windows fix the rhythm's edges, long ones the
     harmonics that make timbre."""
     total = y.new_zeros(())
@@ -226,7 +249,7 @@ def _stft_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         window = torch.hann_window(n)
         a = torch.stft(y, n, n // 4, n, window, return_complex=True).abs()
         b = torch.stft(x, n, n // 4, n, window, return_complex=True).abs()
-        total = total + F.l1_loss(torch.log(a + 1e-5), torch.log(b + 1e-5))
+        total = total + floored_log_l1(a, b, floor_db)
     return total / 3
 
 
@@ -243,8 +266,8 @@ def train_vocoder(
     """Random `vocoder_crop`-frame crops of train-split clips: the mel crop in, the matching stretch
     of the normalised waveform out. Returns the loss of every step."""
     vocoder = pipe.vocoder.train().requires_grad_(True)
-    raw = _RawMel(pipe)
-    hop = raw.hop
+    magnitude = _MelMagnitude(pipe)
+    hop = magnitude.hop
     opt = torch.optim.AdamW(vocoder.parameters(), lr=t.vocoder_lr, betas=(0.8, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, t.vocoder_steps))))
@@ -263,7 +286,9 @@ def train_vocoder(
         m = torch.stack([mels[i, s : s + crop] for i, s in enumerate(starts.tolist())])
         x = torch.stack([target[i, s * hop : (s + crop) * hop] for i, s in enumerate(starts)])
         y = vocoder(m)[:, : x.shape[1]]
-        loss = F.l1_loss(raw(y), raw(x)) + _stft_loss(y, x)
+        floor = t.vocoder_floor_db
+        loss = floored_log_l1(magnitude(y), magnitude(x), floor) + _stft_loss(y, x, floor)
+        loss = loss + t.vocoder_mean_weight * y.mean(dim=1).abs().mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vocoder.parameters(), 5.0)

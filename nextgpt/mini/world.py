@@ -95,7 +95,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 210, 50),
 }
 BACKGROUND = (20, 20, 28)
-PITCH_HZ = {"low": 200.0, "medium": 500.0, "high": 1250.0}  # 2.5x apart: several mel bins
+# Pitches 2.4-2.5x apart (several mel bins), each a whole multiple of the decoders' 100 Hz mel
+# frame rate: a frame-local vocoder fed the identical mel frames of a steady tone can only repeat
+# itself every 10 ms hop, so its partials lie on the 100 Hz grid; off the grid (1250 Hz, or any
+# pitch jitter) it draws a comb of 100 Hz partials instead of one sine (docs/mini-design.md).
+PITCH_HZ = {"low": 200.0, "medium": 500.0, "high": 1200.0}
 # Tone on-spans (s) per rhythm, before a common random shift.
 RHYTHM_SPANS: dict[str, tuple[tuple[float, float], ...]] = {
     "steady": ((0.06, 0.90),),
@@ -325,7 +329,7 @@ class World:
         rate = self.config.sample_rate
         n = int(round(rate * self.config.audio_seconds))
         t = np.arange(n) / rate
-        f0 = PITCH_HZ[attributes["pitch"]] * float(np.exp(rng.uniform(-0.03, 0.03)))
+        f0 = PITCH_HZ[attributes["pitch"]]
         top = int(7000 // f0)
         harmonics = {
             "pure": [1],
