@@ -23,7 +23,7 @@ from nextgpt.mini.pretrain_audio import (
     pretrain_audio_decoder,
     train_vocoder,
 )
-from nextgpt.mini.world import World
+from nextgpt.mini.world import PITCH_HZ, World
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,6 @@ def test_world_pitches_lie_on_the_vocoders_frame_rate_grid(world):
     """A frame-local vocoder fed a steady tone's identical mel frames repeats itself every hop, so
     it can only draw partials at whole multiples of the frame rate: each pitch must be one, and a
     rendered pure tone's spectral peak must sit at its pitch (no jitter moves it off the grid)."""
-    from nextgpt.mini.world import PITCH_HZ
-
     arch = AudioDecoderTraining().arch
     frame_rate = arch.sample_rate / int(np.prod(arch.vocoder_upsample_rates))
     assert frame_rate == 100.0

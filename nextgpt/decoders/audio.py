@@ -9,6 +9,7 @@ with the vocoder's own sample rate, hop and number of bins, so the VAE sees what
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,40 @@ from transformers.audio_utils import mel_filter_bank
 from nextgpt.decoders.base import Decoder, vae_latents
 
 LOG_FLOOR = 1e-5  # AudioLDM clamps mel magnitudes here before the log
+
+
+def mel_hop(vocoder_config: Any) -> int:
+    """Waveform samples per mel frame: the vocoder's total upsampling."""
+    return math.prod(vocoder_config.upsample_rates)
+
+
+@lru_cache(maxsize=8)
+def _slaney_bank(n_fft: int, mels: int, rate: int) -> torch.Tensor:
+    """(freq, mels) Slaney mel filters as AudioLDM made its spectrograms; cached, since every
+    training step asks for the same bank."""
+    bank = mel_filter_bank(
+        num_frequency_bins=n_fft // 2 + 1,
+        num_mel_filters=mels,
+        min_frequency=0.0,
+        max_frequency=rate / 2,
+        sampling_rate=rate,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+    return torch.from_numpy(bank).float()
+
+
+def mel_magnitude(wav: torch.Tensor, vocoder_config: Any) -> torch.Tensor:
+    """(B, samples) -> (B, frames, mels) mel magnitudes, one frame per vocoder hop (centred STFT,
+    window 4 hops rounded up to a power of two: 1024 for AudioLDM's 160-sample hop). `log_mel`
+    takes their log after peak-normalising; the mini vocoder's loss compares them unnormalised."""
+    hop = mel_hop(vocoder_config)
+    n_fft = 2 ** math.ceil(math.log2(4 * hop))
+    window = torch.hann_window(n_fft, device=wav.device)
+    spec = torch.stft(wav, n_fft, hop, n_fft, window, center=True, return_complex=True).abs()
+    rate = int(vocoder_config.sampling_rate)
+    bank = _slaney_bank(n_fft, int(vocoder_config.model_in_dim), rate).to(wav.device)
+    return spec.transpose(1, 2) @ bank
 
 
 class AudioDecoder(Decoder):
@@ -70,24 +105,11 @@ class AudioDecoder(Decoder):
             raise ValueError(f"audio targets must be (B, samples), got {tuple(waveform.shape)}")
         pipe = self.pipeline
         cfg = pipe.vocoder.config
-        hop = math.prod(cfg.upsample_rates)
-        n_fft = 2 ** math.ceil(math.log2(4 * hop))  # 1024 for AudioLDM's 160-sample hop
+        hop = mel_hop(cfg)
         wav = waveform.float()
         wav = wav - wav.mean(dim=1, keepdim=True)
         wav = 0.5 * wav / (wav.abs().amax(dim=1, keepdim=True) + 1e-8)
-        window = torch.hann_window(n_fft, device=wav.device)
-        spec = torch.stft(wav, n_fft, hop, n_fft, window, center=True, return_complex=True).abs()
-        bank = mel_filter_bank(
-            num_frequency_bins=n_fft // 2 + 1,
-            num_mel_filters=cfg.model_in_dim,
-            min_frequency=0.0,
-            max_frequency=cfg.sampling_rate / 2,
-            sampling_rate=cfg.sampling_rate,
-            norm="slaney",
-            mel_scale="slaney",
-        )
-        bank = torch.from_numpy(bank).to(wav.device, torch.float32)  # (freq, mels)
-        mel = torch.log((spec.transpose(1, 2) @ bank).clamp(min=LOG_FLOOR))
+        mel = torch.log(mel_magnitude(wav, cfg).clamp(min=LOG_FLOOR))
         frames = wav.shape[1] // hop
         scale = pipe.vae_scale_factor
         padded = math.ceil(frames / scale) * scale

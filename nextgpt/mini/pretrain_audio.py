@@ -31,10 +31,9 @@ from diffusers import AudioLDMPipeline
 from torch import nn
 from tqdm import tqdm
 from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
-from transformers.audio_utils import mel_filter_bank
 
 from nextgpt.config import DecoderConfig, TinyDecoderArch
-from nextgpt.decoders.audio import LOG_FLOOR, AudioDecoder
+from nextgpt.decoders.audio import LOG_FLOOR, AudioDecoder, mel_hop, mel_magnitude
 from nextgpt.decoders.tiny import build_tiny_pipeline
 from nextgpt.mini.denoiser import train_denoiser
 from nextgpt.mini.judges import Judge
@@ -199,35 +198,6 @@ def reconstruct(pipe: AudioLDMPipeline, mels: torch.Tensor) -> torch.Tensor:
 
 
 # ---- 2. vocoder ---------------------------------------------------------------------------------
-class _MelMagnitude(nn.Module):
-    """The mel magnitudes behind `AudioDecoder.log_mel`, without its peak normalisation, for the
-    vocoder's loss on crops: a crop's own peak differs from the clip's, so normalising would
-    compare crops at different levels."""
-
-    def __init__(self, pipe: AudioLDMPipeline) -> None:
-        super().__init__()
-        cfg = pipe.vocoder.config
-        self.hop = math.prod(cfg.upsample_rates)
-        self.n_fft = 2 ** math.ceil(math.log2(4 * self.hop))
-        bank = mel_filter_bank(
-            num_frequency_bins=self.n_fft // 2 + 1,
-            num_mel_filters=cfg.model_in_dim,
-            min_frequency=0.0,
-            max_frequency=cfg.sampling_rate / 2,
-            sampling_rate=cfg.sampling_rate,
-            norm="slaney",
-            mel_scale="slaney",
-        )
-        self.register_buffer("bank", torch.from_numpy(bank).float())
-        self.register_buffer("window", torch.hann_window(self.n_fft))
-
-    def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        spec = torch.stft(
-            wav, self.n_fft, self.hop, self.n_fft, self.window, center=True, return_complex=True
-        ).abs()
-        return spec.transpose(1, 2) @ self.bank
-
-
 def floored_log_l1(y: torch.Tensor, x: torch.Tensor, floor_db: float) -> torch.Tensor:
     """L1 between log magnitudes `y` (output) and `x` (target), each first raised to a floor
     `floor_db` below the target's own peak (per item): detail quieter than that, such as the
@@ -266,8 +236,8 @@ def train_vocoder(
     """Random `vocoder_crop`-frame crops of train-split clips: the mel crop in, the matching stretch
     of the normalised waveform out. Returns the loss of every step."""
     vocoder = pipe.vocoder.train().requires_grad_(True)
-    magnitude = _MelMagnitude(pipe)
-    hop = magnitude.hop
+    cfg = pipe.vocoder.config
+    hop = mel_hop(cfg)
     opt = torch.optim.AdamW(vocoder.parameters(), lr=t.vocoder_lr, betas=(0.8, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, t.vocoder_steps))))
@@ -287,7 +257,10 @@ def train_vocoder(
         x = torch.stack([target[i, s * hop : (s + crop) * hop] for i, s in enumerate(starts)])
         y = vocoder(m)[:, : x.shape[1]]
         floor = t.vocoder_floor_db
-        loss = floored_log_l1(magnitude(y), magnitude(x), floor) + _stft_loss(y, x, floor)
+        # unnormalised: a crop's own peak differs from the clip's, so normalising would compare
+        # crops at different levels
+        loss = floored_log_l1(mel_magnitude(y, cfg), mel_magnitude(x, cfg), floor)
+        loss = loss + _stft_loss(y, x, floor)
         loss = loss + t.vocoder_mean_weight * y.mean(dim=1).abs().mean()
         opt.zero_grad()
         loss.backward()
