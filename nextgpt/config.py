@@ -98,6 +98,10 @@ class InputProjectorConfig:
     init_tau: float = 0.1
     # scale of the Gumbel noise added to the cosine similarities in training (paper: 1; 0: none)
     gumbel_scale: float = 1.0
+    # "hard": one-hot argmax with the straight-through trick (the paper); "soft": merge with the
+    # Gumbel-softmax weights, for encoders whose tokens of one input are nearly alike (see
+    # GroupingProjector)
+    assignment: str = "hard"
     dropout: float = 0.0
 
 

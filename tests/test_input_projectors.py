@@ -233,3 +233,57 @@ def test_temperature_controls_the_noise() -> None:
     rates = [agreement(t) for t in (1.0, 0.1, 0.01)]
     assert rates[0] < 0.2  # at tau = 1 the noise decides
     assert rates[0] < rates[1] < rates[2] and rates[2] > 0.8  # at small tau the similarity does
+
+
+def test_soft_assignment_weights_each_token_over_the_concepts() -> None:
+    torch.manual_seed(0)
+    proj = GroupingProjector(dataclasses.replace(TINY, assignment="soft"), 12, 20).eval()
+    with torch.no_grad():
+        out = proj(torch.randn(3, 25, 12))
+    assert out.shape == (3, 4, 20)
+    for assign in proj.last_assignments:
+        torch.testing.assert_close(assign.sum(dim=1), torch.ones(3, assign.shape[2]))
+        # fractional weights, not one-hot columns
+        assert ((assign > 1e-3) & (assign < 0.999)).any()
+        assert not torch.equal(assign, assign.round())
+
+
+def test_unknown_assignment_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown assignment 'fuzzy'; known: hard, soft"):
+        GroupingProjector(dataclasses.replace(TINY, assignment="fuzzy"), 12, 20)
+
+
+@pytest.mark.slow
+def test_soft_assignment_learns_where_the_tokens_of_an_input_are_alike() -> None:
+    """Every token of an input lies near one class centre (nextgpt-mini's encoder tokens are
+    nearly alike too): hard assignments flip as training moves and learning breaks down; soft
+    assignment learns the class."""
+    k, n, dim = 6, 12, 16
+
+    def accuracy(assignment: str, seed: int) -> float:
+        torch.manual_seed(seed)
+        centres = torch.randn(k, dim)
+        cfg = dataclasses.replace(TINY, assignment=assignment)
+        proj = GroupingProjector(cfg, dim, k).train()
+        opt = torch.optim.Adam(proj.parameters(), lr=5e-3)
+
+        def sample(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+            y = torch.randint(0, k, (batch,))
+            shift = 0.5 * torch.randn(batch, 1, dim)  # one nuisance per input, shared by its tokens
+            return centres[y][:, None] + shift + 0.05 * torch.randn(batch, n, dim), y
+
+        test_x, test_y = sample(512)
+        for _ in range(300):
+            x, y = sample(32)
+            opt.zero_grad()
+            F.cross_entropy(proj(x).mean(dim=1), y).backward()
+            opt.step()
+        proj.eval()
+        with torch.no_grad():
+            return (proj(test_x).mean(dim=1).argmax(-1) == test_y).float().mean().item()
+
+    soft = [accuracy("soft", seed) for seed in (0, 2)]
+    hard = [accuracy("hard", seed) for seed in (0, 2)]
+    print(f"6-way accuracy (chance 0.17): soft {soft}, hard {hard}")
+    assert min(soft) >= 0.95
+    assert sum(hard) / len(hard) < 0.8

@@ -210,6 +210,25 @@ def test_config_hash_covers_the_world_config(monkeypatch):
     assert mini_build.config_hash(part, scale, 0, {}) != before
 
 
+def test_stage1_hash_covers_the_input_projector_settings(monkeypatch):
+    """A changed input projector (here the grouping assignment) must rerun stage 1, not only a
+    changed projector name."""
+    from nextgpt.mini import assemble
+
+    scale = mini_build.scales()["smoke"]
+    part = next(p for p in mini_build.PARTS if p.name == mini_build.ABLATION_PART)
+    needs = dict.fromkeys(part.needs, "x")
+    before = mini_build.config_hash(part, scale, 0, needs)
+    assert assemble.mini_input_projector("grouping").assignment == "soft"
+    original = assemble.mini_input_projector
+
+    def hard(kind: str):
+        return dataclasses.replace(original(kind), assignment="hard")
+
+    monkeypatch.setattr(assemble, "mini_input_projector", hard)
+    assert mini_build.config_hash(part, scale, 0, needs) != before
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="POSIX signals only")
 def test_a_worker_takes_more_threads_when_the_builder_signals(tmp_path):
     """A part started beside another keeps one thread unless the builder widens it; the worker

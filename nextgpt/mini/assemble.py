@@ -58,6 +58,25 @@ def mini_output_projector() -> OutputProjectorConfig:
     )
 
 
+def mini_input_projector(kind: str) -> InputProjectorConfig:
+    """The miniature's input projector of either kind. The grouping one assigns softly: the mini
+    encoder's tokens of one input are nearly alike, their hard assignments flip as training moves,
+    and stage 1 learned nothing with the paper's hard rule (`GroupingProjector`,
+    docs/mini-design.md section 8)."""
+    if kind == "grouping":
+        return InputProjectorConfig(
+            kind="grouping",
+            hidden_dim=64,
+            depths=(1, 1, 1),
+            num_heads=2,
+            concept_tokens=(8, 4),
+            assignment="soft",
+        )
+    if kind == "linear":
+        return InputProjectorConfig(kind="linear")
+    raise ValueError(f"unknown input projector {kind!r}; use grouping or linear")
+
+
 def mini_config(
     encoder: EncoderConfig,
     llm_dir: str,
@@ -81,18 +100,10 @@ def mini_config(
             audio_seconds=1.0,
             tiny=arch,
         )
-    if projector == "grouping":
-        input_projector = InputProjectorConfig(
-            kind="grouping", hidden_dim=64, depths=(1, 1, 1), num_heads=2, concept_tokens=(8, 4)
-        )
-    elif projector == "linear":
-        input_projector = InputProjectorConfig(kind="linear")
-    else:
-        raise ValueError(f"unknown input projector {projector!r}; use grouping or linear")
     return NextGPTConfig(
         name=MINI_NAME,
         encoder=encoder,
-        input_projector=input_projector,
+        input_projector=mini_input_projector(projector),
         llm=LLMConfig(pretrained=llm_dir, template="vicuna_v1"),
         signal_tokens=SignalTokenConfig(image=4, audio=4, video=8),
         output_projector=mini_output_projector(),

@@ -361,7 +361,7 @@ def _stage_settings(number: int, projector: str = "") -> Callable[[Scale], Any]:
     projector."""
 
     def settings(s: Scale) -> dict[str, Any]:
-        from nextgpt.mini.assemble import mini_output_projector
+        from nextgpt.mini.assemble import mini_input_projector, mini_output_projector
 
         arches = [s.image_decoder.arch, s.audio_decoder.arch, s.video_decoder.arch]
         recipe = stage_yaml(number).read_text()
@@ -369,7 +369,7 @@ def _stage_settings(number: int, projector: str = "") -> Callable[[Scale], Any]:
             "stage": s.stage,
             "recipe": recipe,
             "arches": arches,
-            "projector": projector,
+            "projector": mini_input_projector(projector) if projector else None,
             "output_projector": mini_output_projector(),
         }
 
@@ -379,8 +379,9 @@ def _stage_settings(number: int, projector: str = "") -> Callable[[Scale], Any]:
 ENCODER_FILE = "encoder.safetensors"
 LLM_DIR = "model"
 # The shipped model's input projector, and the one the ablation trains beside it. The paper's
-# grouping projector did not learn in stage 1 here (captions at chance after 1,500 steps, the
-# loss flat) while the linear one did: docs/mini-design.md section 8.
+# grouping projector with hard assignment did not learn in stage 1 here (the loss flat, captions at
+# chance); with soft assignment it does (`assemble.mini_input_projector`, docs/mini-design.md
+# section 8). The shipped model was built with the linear one.
 MINI_PROJECTOR = "linear"
 ABLATION_PROJECTOR = "grouping"
 ABLATION_PART = f"stage1-{ABLATION_PROJECTOR}"

@@ -33,19 +33,19 @@ class LinearProjector(nn.Module):
         return self.proj(tokens.to(self.proj.weight.dtype))
 
 
-def gumbel_hard_assign(similarity: Tensor, tau: Tensor, noise_scale: float) -> Tensor:
-    """Hard one-hot assignment of each input token to one concept, differentiable straight-through.
+ASSIGNMENTS: tuple[str, ...] = ("hard", "soft")
 
-    `similarity` is (B, M concepts, N tokens); the softmax runs over the concepts (dim 1), so every
-    column of the result is exactly one-hot in the forward pass, while the backward pass sees the
-    soft Gumbel-softmax `A = softmax(similarity / tau + noise_scale * G)`:
-    `onehot(argmax A) + A - stopgrad(A)`. `noise_scale=0` (eval) gives a deterministic assignment.
+
+def gumbel_soft_assign(similarity: Tensor, tau: Tensor, noise_scale: float) -> Tensor:
+    """Soft assignment of each input token over the concepts: `softmax(similarity / tau +
+    noise_scale * G)` over dim 1 of the (B, M concepts, N tokens) similarity, G ~ Gumbel(0, 1).
 
     The temperature divides the similarity only. Written as `(similarity + G) / tau`, the noise
     (its maximum grows like log M) swamps cosine similarities in [-1, 1] and no value of tau can
     change which concept wins, so training assignments are random (measured: 1.6% agreement with
     the noise-free ones for 64 concepts). Here a learned tau sharpens the logits against the noise,
-    which is how the paper says tau "finds the assignment boundaries".
+    which is how the paper says tau "finds the assignment boundaries". `noise_scale=0` (eval)
+    gives a deterministic assignment.
     """
     logits = similarity / tau
     if noise_scale:
@@ -53,7 +53,17 @@ def gumbel_hard_assign(similarity: Tensor, tau: Tensor, noise_scale: float) -> T
         u = torch.rand(similarity.shape, device=similarity.device, dtype=torch.float32)
         gumbel = -torch.log(-torch.log(u.clamp_(min=torch.finfo(torch.float32).tiny)))
         logits = logits + noise_scale * gumbel.to(similarity.dtype)
-    soft = torch.softmax(logits, dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def gumbel_hard_assign(similarity: Tensor, tau: Tensor, noise_scale: float) -> Tensor:
+    """Hard one-hot assignment of each input token to one concept, differentiable straight-through.
+
+    Every column of the result is exactly one-hot in the forward pass, while the backward pass sees
+    the soft assignment `A` of `gumbel_soft_assign`: `onehot(argmax A) + A - stopgrad(A)` (the
+    paper's and GroupViT's rule).
+    """
+    soft = gumbel_soft_assign(similarity, tau, noise_scale)
     hard = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
     # parenthesised so that the forward value is exactly `hard` (no rounding of 1 + s - s)
     return hard + (soft - soft.detach())
@@ -62,7 +72,9 @@ def gumbel_hard_assign(similarity: Tensor, tau: Tensor, noise_scale: float) -> T
 def group_average(assign: Tensor, x: Tensor) -> Tensor:
     """Mean of the tokens `x` (B, N, D) assigned to each concept by `assign` (B, M, N).
 
-    A concept that received no token gets a zero vector rather than a division by zero.
+    A concept that received no token gets a zero vector rather than a division by zero. With a
+    soft assignment the weights are fractional, and a concept whose total weight is under one
+    token gets its weighted sum: it fades in and out with its weight instead of jumping.
     """
     counts = assign.sum(dim=-1, keepdim=True).clamp(min=1.0)
     return (assign @ x) / counts
@@ -101,9 +113,11 @@ class _GroupingStage(nn.Module):
         dropout: float,
         init_tau: float,
         gumbel_scale: float,
+        hard: bool = True,
     ) -> None:
         super().__init__()
         self.gumbel_scale = gumbel_scale
+        self.assign = gumbel_hard_assign if hard else gumbel_soft_assign
         self.concepts = nn.Parameter(torch.randn(num_concepts, dim) * 0.02)
         self.blocks = _transformer_blocks(dim, depth, num_heads, mlp_ratio, dropout)
         # learned in log space so that tau stays positive
@@ -118,14 +132,14 @@ class _GroupingStage(nn.Module):
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, N, D) -> new tokens (B, M, D) and the straight-through assignment (B, M, N)."""
+        """(B, N, D) -> new tokens (B, M, D) and the assignment (B, M, N)."""
         m = self.concepts.shape[0]
         concepts = self.concepts.expand(x.shape[0], -1, -1)
         y = self.blocks(torch.cat([concepts, x], dim=1))
         c_hat, x_hat = y[:, :m], y[:, m:]
         similarity = F.normalize(c_hat, dim=-1) @ F.normalize(x_hat, dim=-1).transpose(1, 2)
         noise = self.gumbel_scale if self.training else 0.0
-        assign = gumbel_hard_assign(similarity, self.log_tau.exp(), noise)
+        assign = self.assign(similarity, self.log_tau.exp(), noise)
         return c_hat + self.merge_mlp(group_average(assign, x_hat)), assign
 
 
@@ -135,8 +149,19 @@ class GroupingProjector(nn.Module):
     in_fc -> one grouping stage per entry of `config.concept_tokens` (each with `depths[l]`
     transformer layers) -> `depths[-1]` transformer layers over the last concepts -> LayerNorm ->
     out_fc. There are no positional embeddings: the encoder's tokens already carry their own, and
-    any N works. After each forward, `last_assignments[l]` holds stage l's hard assignment
-    (B, M_l, N_l), detached, for inspection: column n is one-hot on the concept that token n joined.
+    any N works. After each forward, `last_assignments[l]` holds stage l's assignment
+    (B, M_l, N_l), detached, for inspection: column n says which concept token n joined (one-hot
+    with `assignment="hard"`, weights summing to 1 with `"soft"`).
+
+    `assignment="hard"` is the paper's rule (argmax with the straight-through trick). It assumes
+    that the tokens of one input differ, as ViT patch tokens do. Where they are nearly alike, as in
+    nextgpt-mini's 2-layer encoder (spread across an input's tokens a third of that across
+    inputs), a token's similarities to the concepts are close, small parameter moves flip many
+    assignments at once, and the output jumps where the straight-through gradient, which sees only
+    the soft weights, expects it to move smoothly. Measured there, stage 1 with hard assignment
+    made the projector's output the same for every input and the captions stayed at chance;
+    `"soft"` merges with the Gumbel-softmax weights themselves, which move continuously, and
+    learned (docs/mini-design.md section 8).
     """
 
     def __init__(self, config: InputProjectorConfig, in_dim: int, out_dim: int) -> None:
@@ -145,6 +170,11 @@ class GroupingProjector(nn.Module):
             raise ValueError(
                 f"grouping projector: depths {tuple(config.depths)} must have one entry per "
                 f"concept stage {tuple(config.concept_tokens)} plus one for the final stage"
+            )
+        if config.assignment not in ASSIGNMENTS:
+            raise ValueError(
+                f"grouping projector: unknown assignment {config.assignment!r}; "
+                f"known: {', '.join(ASSIGNMENTS)}"
             )
         d = config.hidden_dim
         self.concept_tokens = tuple(config.concept_tokens)
@@ -159,6 +189,7 @@ class GroupingProjector(nn.Module):
                 config.dropout,
                 config.init_tau,
                 config.gumbel_scale,
+                hard=config.assignment == "hard",
             )
             for m, depth in zip(config.concept_tokens, config.depths)
         )
