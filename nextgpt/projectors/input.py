@@ -33,9 +33,6 @@ class LinearProjector(nn.Module):
         return self.proj(tokens.to(self.proj.weight.dtype))
 
 
-ASSIGNMENTS: tuple[str, ...] = ("hard", "soft")
-
-
 def gumbel_soft_assign(similarity: Tensor, tau: Tensor, noise_scale: float) -> Tensor:
     """Soft assignment of each input token over the concepts: `softmax(similarity / tau +
     noise_scale * G)` over dim 1 of the (B, M concepts, N tokens) similarity, G ~ Gumbel(0, 1).
@@ -67,6 +64,10 @@ def gumbel_hard_assign(similarity: Tensor, tau: Tensor, noise_scale: float) -> T
     hard = torch.zeros_like(soft).scatter_(1, soft.argmax(dim=1, keepdim=True), 1.0)
     # parenthesised so that the forward value is exactly `hard` (no rounding of 1 + s - s)
     return hard + (soft - soft.detach())
+
+
+# `InputProjectorConfig.assignment` -> how a grouping stage turns similarities into assignments
+ASSIGNMENTS = {"hard": gumbel_hard_assign, "soft": gumbel_soft_assign}
 
 
 def group_average(assign: Tensor, x: Tensor) -> Tensor:
@@ -113,11 +114,11 @@ class _GroupingStage(nn.Module):
         dropout: float,
         init_tau: float,
         gumbel_scale: float,
-        hard: bool = True,
+        assignment: str = "hard",
     ) -> None:
         super().__init__()
         self.gumbel_scale = gumbel_scale
-        self.assign = gumbel_hard_assign if hard else gumbel_soft_assign
+        self.assign = ASSIGNMENTS[assignment]
         self.concepts = nn.Parameter(torch.randn(num_concepts, dim) * 0.02)
         self.blocks = _transformer_blocks(dim, depth, num_heads, mlp_ratio, dropout)
         # learned in log space so that tau stays positive
@@ -159,7 +160,7 @@ class GroupingProjector(nn.Module):
     inputs), a token's similarities to the concepts are close, small parameter moves flip many
     assignments at once, and the output jumps where the straight-through gradient, which sees only
     the soft weights, expects it to move smoothly. Measured there, stage 1 with hard assignment
-    made the projector's output the same for every input and the captions stayed at chance;
+    made the projector's output nearly the same for every input and the captions stayed at chance;
     `"soft"` merges with the Gumbel-softmax weights themselves, which move continuously, and
     learned (docs/mini-design.md section 8).
     """
@@ -189,7 +190,7 @@ class GroupingProjector(nn.Module):
                 config.dropout,
                 config.init_tau,
                 config.gumbel_scale,
-                hard=config.assignment == "hard",
+                config.assignment,
             )
             for m, depth in zip(config.concept_tokens, config.depths)
         )
