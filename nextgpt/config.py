@@ -177,8 +177,9 @@ class TinyDecoderArch:
     """Architecture of a randomly initialised diffusion decoder (tests, the miniature).
 
     The text encoders are character-level (byte-level BPE without merges), so any English caption
-    tokenizes; `text_max_length` is therefore counted in characters and is the conditioning length
-    of the image and video decoders, whose conditioning width is `text_width`. The audio decoder
+    tokenizes; `text_max_length` is then counted in characters (in tokens where `text_words` gives
+    the CLIP tokenizer whole words) and is the conditioning length of the image and video
+    decoders, whose conditioning width is `text_width`. The audio decoder
     conditions on the CLAP text projection, `projection_dim` wide.
     """
 
@@ -195,6 +196,10 @@ class TinyDecoderArch:
     text_heads: int = 2
     text_max_length: int = 48
     text_vocab: int = 1000  # at least the 514 character tokens of the tiny CLIP tokenizer
+    # Words the CLIP tokenizer keeps whole (BPE merges learned for them; any other text still
+    # tokenizes by characters). Empty: character-level. Real CLIP's BPE keeps common words whole,
+    # and a character-level encoder trained on few word pairs fuses them (docs/mini-design.md)
+    text_words: tuple[str, ...] = ()
     num_train_timesteps: int = 1000
     # SD's schedule ends at a signal-to-noise ratio above zero, so the trained denoiser can read
     # coarse layout (a video's trajectory) out of the "pure" noise it starts from and ignore the

@@ -404,3 +404,47 @@ def test_norm_groups_reach_the_autoencoder_and_unet():
     pipe = build_tiny_pipeline("image", arch, seed=0)
     assert pipe.vae.config.norm_num_groups == 8 and pipe.unet.config.norm_num_groups == 8
     assert pipe.vae.encoder.conv_norm_out.num_groups == 8
+
+
+# ---- word-level CLIP tokenizer ---------------------------------------------------------------
+WORDS = ("a", "small", "large", "red", "yellow", "circle", "square", "triangle", "in", "moving")
+
+
+def test_word_tokenizer_keeps_the_words_whole_and_still_covers_english():
+    from nextgpt.decoders.tiny import clip_char_tokenizer, clip_word_tokenizer
+
+    tokenizer = clip_word_tokenizer(WORDS, 16)
+    assert tokenizer.tokenize("A large Yellow circle, moving") == [
+        "a</w>", "large</w>", "yellow</w>", "circle</w>", ",</w>", "moving</w>"
+    ]  # fmt: skip
+    # an unknown word, or a listed one inside a longer word, falls back to pieces; nothing is unk
+    chars = clip_char_tokenizer(16)
+    for text in ("squares", "purple hexagon", "Zoë's"):
+        pieces = tokenizer.tokenize(text)
+        assert len(pieces) > len(text.split())
+        assert "".join(pieces).replace("</w>", "") == "".join(chars.tokenize(text)).replace(
+            "</w>", ""
+        )
+        assert tokenizer.unk_token_id not in tokenizer(text).input_ids[1:-1]  # unk is <end>
+    # the character vocabulary keeps its ids, so char and word tokenizers agree on single letters
+    assert tokenizer("x").input_ids == chars("x").input_ids
+    with pytest.raises(ValueError, match="ASCII letters"):
+        clip_word_tokenizer(("a b",), 16)
+
+
+def test_word_level_decoder_conditions_per_word_and_round_trips(tmp_path):
+    """With `text_words` and no text layers the conditioning of a word depends on that word and
+    its place only: swapping one word changes that row alone (what lets the UNet see the colour
+    and the shape apart). Saved in diffusers' layout, the pipeline reloads the same tokenizer."""
+    arch = TinyDecoderArch(text_words=WORDS, text_layers=0, text_max_length=12)
+    decoder = build_decoder(tiny("image", tiny=arch), seed=0)
+    assert decoder.conditioning_shape() == (12, 32)
+    a, b = decoder.encode_text(["a small red circle", "a small yellow circle"])
+    changed = (a - b).abs().amax(-1) > 1e-6
+    assert changed.nonzero().flatten().tolist() == [3]  # <start> a small [red|yellow] circle
+    decoder.save(tmp_path)
+    loaded = build_decoder(tiny("image", tiny=arch, pretrained=str(tmp_path)), seed=0)
+    assert loaded.pipeline.tokenizer.tokenize("a yellow triangle") == [
+        "a</w>", "yellow</w>", "triangle</w>"
+    ]  # fmt: skip
+    assert torch.equal(loaded.encode_text(["a small red circle"]), a[None])

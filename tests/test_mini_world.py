@@ -19,7 +19,7 @@ from nextgpt.mini.dialogues import (
     media_slots,
     write_dataset,
 )
-from nextgpt.mini.world import MODALITIES, TEMPLATES, World, WorldConfig
+from nextgpt.mini.world import MODALITIES, TEMPLATES, World, WorldConfig, caption_words
 
 SMALL = DatasetSizes(comprehension=2, generation=2, instructions=dict.fromkeys(KINDS, 4))
 
@@ -119,6 +119,23 @@ def test_every_caption_fits_the_tiny_decoders_text_encoders(world):
             for template in TEMPLATES[m]:
                 words = {a.name: a.phrase(combo[a.name]) for a in world.attributes(m)}
                 assert len(template.format(**words)) <= room
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_caption_words_are_exactly_the_words_of_train_captions(world, modality):
+    """A word-level decoder tokenizer built on them learns no word that train captions lack."""
+    import re
+
+    def words_of(split: str) -> set[str]:
+        found: set[str] = set()
+        for combo in world.combinations(modality, split):
+            for template in TEMPLATES[modality]:
+                phrases = {a.name: a.phrase(combo[a.name]) for a in world.attributes(modality)}
+                found |= set(re.findall(r"[a-z]+", template.format(**phrases)))
+        return found
+
+    assert set(caption_words(modality)) == words_of("train")
+    assert words_of("heldout") <= words_of("train")
 
 
 def test_parse_caption_refuses_ambiguity(world):

@@ -8,6 +8,7 @@ tokenizes without a downloaded vocabulary.
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -44,6 +45,38 @@ def clip_char_tokenizer(max_length: int) -> CLIPTokenizer:
         for s in symbols:
             vocab[s + suffix] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def clip_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) -> CLIPTokenizer:
+    """`clip_char_tokenizer` plus BPE merges that rebuild each of `words` as one token, as real
+    CLIP's merges do for common words; any other text still falls back to characters.
+
+    The merges are learned by the `tokenizers` BPE trainer on the words themselves (lower-cased,
+    each once), so applying them in rank order, as CLIPTokenizer does, reproduces its segmentation.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    clean = sorted({w.lower() for w in words})
+    bad = [w for w in clean if not w.isalpha() or not w.isascii()]
+    if bad:
+        raise ValueError(f"text_words must be ASCII letters only (one word each), got {bad}")
+    base = clip_char_tokenizer(max_length)
+    vocab = dict(base.get_vocab())
+    merges: list[tuple[str, str]] = []
+    if clean:
+        trainer = trainers.BpeTrainer(
+            vocab_size=len(vocab) + sum(len(w) for w in clean),  # enough to merge every word
+            min_frequency=1,
+            end_of_word_suffix="</w>",
+            show_progress=False,
+        )
+        bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+        bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+        bpe.train_from_iterator(clean, trainer)
+        for left, right in json.loads(bpe.to_str())["model"]["merges"]:
+            merges.append((left, right))
+            vocab.setdefault(left + right, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def roberta_char_tokenizer(max_length: int) -> RobertaTokenizer:
@@ -105,7 +138,10 @@ def _scheduler(arch: TinyDecoderArch) -> DDIMScheduler:
 
 
 def _clip_text(arch: TinyDecoderArch) -> tuple[CLIPTextModel, CLIPTokenizer]:
-    tokenizer = clip_char_tokenizer(arch.text_max_length)
+    if arch.text_words:
+        tokenizer = clip_word_tokenizer(arch.text_words, arch.text_max_length)
+    else:
+        tokenizer = clip_char_tokenizer(arch.text_max_length)
     if arch.text_vocab < len(tokenizer):
         raise ValueError(f"text_vocab {arch.text_vocab} < tokenizer size {len(tokenizer)}")
     config = CLIPTextConfig(

@@ -349,6 +349,18 @@ class World:
         return wave.astype(np.float32), rate
 
 
+def caption_words(modality: str) -> tuple[str, ...]:
+    """Every word a caption of `modality` can hold, in any template, sorted. Each word of a
+    held-out combination's caption also occurs in train captions (only pairs are held out), so a
+    tokenizer built on these words learns nothing about the held-out split."""
+    words: set[str] = set()
+    attributes = ATTRIBUTES[modality]
+    for template in TEMPLATES[modality]:
+        filled = template.format(**{a.name: " ".join(map(a.phrase, a.values)) for a in attributes})
+        words.update(re.findall(r"[a-z]+", filled.lower()))
+    return tuple(sorted(words))
+
+
 def _phrase_patterns(modality: str) -> dict[str, list[tuple[str, re.Pattern[str]]]]:
     return {
         a.name: [(v, re.compile(rf"\b{re.escape(a.phrase(v))}\b", re.IGNORECASE)) for v in a.values]
