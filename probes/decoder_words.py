@@ -64,7 +64,7 @@ def main() -> None:
     start = time.perf_counter()
     _, metrics = pretrain(World(WorldConfig(seed=0)), judge, t)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
-    metrics["settings"] = {**vars(args), "text_layers": arch.text_layers, "json": None}
+    metrics["settings"] = {**vars(args), "text_layers": arch.text_layers}
     for row in metrics["unet"]["history"]:
         cells = [
             f"{s} " + " ".join(f"{k} {v:.2f}" for k, v in row[s].items())
@@ -72,7 +72,7 @@ def main() -> None:
         ]
         print(f"step {row['step']:>5}  " + "  |  ".join(cells), flush=True)
     if args.json is not None:
-        args.json.write_text(json.dumps(metrics, indent=1))
+        args.json.write_text(json.dumps(metrics, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 They stand in for SD-1.5, Zeroscope and AudioLDM in tests and in the miniature: the same diffusers
 pipeline classes and component types, only small and randomly initialised (deterministically per
 seed). The tokenizers are byte-level BPEs without merges, i.e. character-level, so every caption
-tokenizes without a downloaded vocabulary.
+tokenizes without a downloaded vocabulary; `TinyDecoderArch.text_words` adds CLIP merges that keep
+those words whole.
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ from transformers import (
 from nextgpt.config import TinyDecoderArch
 
 
-def clip_char_tokenizer(max_length: int) -> CLIPTokenizer:
-    """CLIP tokenizer over the 256 byte symbols, each also in its word-final (`</w>`) form."""
-    symbols = sorted(ByteLevel.alphabet())
+def _clip_byte_vocab() -> dict[str, int]:
+    """CLIP's special tokens and the 256 byte symbols, each also in its word-final (`</w>`) form."""
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
-        for s in symbols:
+        for s in sorted(ByteLevel.alphabet()):
             vocab[s + suffix] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return vocab
+
+
+def clip_char_tokenizer(max_length: int) -> CLIPTokenizer:
+    """CLIP tokenizer over the byte symbols alone (no merges): character-level."""
+    return CLIPTokenizer(vocab=_clip_byte_vocab(), merges=[], model_max_length=max_length)
 
 
 def clip_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) -> CLIPTokenizer:
@@ -60,8 +65,7 @@ def clip_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) -> 
     bad = [w for w in clean if not w.isalpha() or not w.isascii()]
     if bad:
         raise ValueError(f"text_words must be ASCII letters only (one word each), got {bad}")
-    base = clip_char_tokenizer(max_length)
-    vocab = dict(base.get_vocab())
+    vocab = _clip_byte_vocab()
     merges: list[tuple[str, str]] = []
     if clean:
         trainer = trainers.BpeTrainer(
