@@ -448,3 +448,14 @@ def test_word_level_decoder_conditions_per_word_and_round_trips(tmp_path):
         "a</w>", "yellow</w>", "triangle</w>"
     ]  # fmt: skip
     assert torch.equal(loaded.encode_text(["a small red circle"]), a[None])
+
+
+def test_audio_decoder_refuses_word_tokens():
+    """AudioLDM's CLAP tokenizer stays character-level: `text_words` there is an error, not a
+    setting silently ignored."""
+    from nextgpt.decoders.tiny import tiny_tokenizer
+
+    with pytest.raises(ValueError, match="audio decoder"):
+        tiny_tokenizer("audio", TinyDecoderArch(text_words=("red",)))
+    with pytest.raises(ValueError, match="unknown decoder modality"):
+        tiny_tokenizer("smell", TinyDecoderArch())

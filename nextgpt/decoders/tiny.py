@@ -141,11 +141,27 @@ def _scheduler(arch: TinyDecoderArch) -> DDIMScheduler:
     )
 
 
-def _clip_text(arch: TinyDecoderArch) -> tuple[CLIPTextModel, CLIPTokenizer]:
+def tiny_tokenizer(modality: str, arch: TinyDecoderArch) -> CLIPTokenizer | RobertaTokenizer:
+    """The tokenizer a tiny decoder of `modality` gets from `arch`: CLIP's for image and video
+    (whole words where `arch.text_words` lists them), CLAP's RoBERTa one, by characters, for audio.
+    AudioLDM conditions on CLAP's one pooled vector, so per-word tokens buy it nothing, and asking
+    for them there is refused rather than ignored."""
+    if modality == "audio":
+        if arch.text_words:
+            raise ValueError(
+                "text_words applies to the image and video decoders' CLIP tokenizers; the audio "
+                "decoder's CLAP tokenizer is character-level"
+            )
+        return roberta_char_tokenizer(arch.text_max_length)
+    if modality not in ("image", "video"):
+        raise ValueError(f"unknown decoder modality {modality!r}; use image, video or audio")
     if arch.text_words:
-        tokenizer = clip_word_tokenizer(arch.text_words, arch.text_max_length)
-    else:
-        tokenizer = clip_char_tokenizer(arch.text_max_length)
+        return clip_word_tokenizer(arch.text_words, arch.text_max_length)
+    return clip_char_tokenizer(arch.text_max_length)
+
+
+def _clip_text(modality: str, arch: TinyDecoderArch) -> tuple[CLIPTextModel, CLIPTokenizer]:
+    tokenizer = tiny_tokenizer(modality, arch)
     if arch.text_vocab < len(tokenizer):
         raise ValueError(f"text_vocab {arch.text_vocab} < tokenizer size {len(tokenizer)}")
     config = CLIPTextConfig(
@@ -181,7 +197,7 @@ def _unet_kwargs(arch: TinyDecoderArch, dims: str) -> dict:
 
 def _image(arch: TinyDecoderArch) -> StableDiffusionPipeline:
     unet = UNet2DConditionModel(**_unet_kwargs(arch, "2D"))
-    text_encoder, tokenizer = _clip_text(arch)
+    text_encoder, tokenizer = _clip_text("image", arch)
     return StableDiffusionPipeline(
         vae=_vae(arch, 3),
         text_encoder=text_encoder,
@@ -196,7 +212,7 @@ def _image(arch: TinyDecoderArch) -> StableDiffusionPipeline:
 
 def _video(arch: TinyDecoderArch) -> TextToVideoSDPipeline:
     unet = UNet3DConditionModel(**_unet_kwargs(arch, "3D"))
-    text_encoder, tokenizer = _clip_text(arch)
+    text_encoder, tokenizer = _clip_text("video", arch)
     return TextToVideoSDPipeline(
         vae=_vae(arch, 3),
         text_encoder=text_encoder,
@@ -227,7 +243,7 @@ def _audio(arch: TinyDecoderArch) -> AudioLDMPipeline:
         class_embeddings_concat=True,
         norm_num_groups=arch.norm_groups,
     )
-    tokenizer = roberta_char_tokenizer(arch.text_max_length)
+    tokenizer = tiny_tokenizer("audio", arch)
     if arch.text_vocab < len(tokenizer):
         raise ValueError(f"text_vocab {arch.text_vocab} < tokenizer size {len(tokenizer)}")
     text_encoder = ClapTextModelWithProjection(
