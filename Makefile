@@ -43,5 +43,5 @@ test: install $(CHROMIUM)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
-	$(BIN)/ruff check nextgpt tests benchmarks
-	$(BIN)/ruff format --check nextgpt tests benchmarks
+	$(BIN)/ruff check nextgpt tests benchmarks probes
+	$(BIN)/ruff format --check nextgpt tests benchmarks probes
