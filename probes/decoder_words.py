@@ -2,17 +2,19 @@
 CLIP text encoders read whole words instead of characters? (docs/mini-design.md section 8)
 
 It runs the build's own decoder recipe (`pretrain_image_decoder` or `pretrain_video_decoder`:
-autoencoder, probed text encoder, UNet) with one change of the decoder's architecture, and prints
+autoencoder, probed text encoder, UNet) with the tokens and text-encoder depth given, and prints
 the judged accuracy of generations from each split's canonical captions every `--every` UNet
 steps. The judges are the shipped package's.
 
     python probes/decoder_words.py --tokens char --steps 2500   # the shipped image recipe
-    python probes/decoder_words.py --tokens word --text-layers 0 --steps 2500
-    python probes/decoder_words.py --modality video --tokens word --text-layers 0 --steps 1200
+    python probes/decoder_words.py --tokens word --steps 2500
+    python probes/decoder_words.py --modality video --tokens word --steps 1200
 
 `word` gives the tokenizer the world's caption words (`caption_words`: only words that train
-captions hold) and a conditioning length of 16 tokens; `--text-layers 0` leaves each word's state
-its own embedding at its place, with no mixing between words.
+captions hold), a conditioning length of 16 tokens and no text-encoder layers, so each word's
+state is its own embedding at its place, with no mixing between words. `char` is the shipped
+recipe: character tokens, 48 of them, and two text-encoder layers. `--text-layers N` overrides
+the depth either way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from nextgpt.config import TinyDecoderArch
 from nextgpt.mini.evaluate import model_directory
 from nextgpt.mini.judges import Judge
 from nextgpt.mini.pretrain_image import ImageDecoderTraining, pretrain_image_decoder
@@ -51,14 +54,24 @@ def main() -> None:
     t, pretrain = recipes[args.modality]
     arch = t.arch
     if args.tokens == "word":
-        arch = replace(arch, text_words=caption_words(args.modality), text_max_length=16)
+        arch = replace(
+            arch, text_words=caption_words(args.modality), text_max_length=16, text_layers=0
+        )
+    else:
+        plain = TinyDecoderArch()
+        arch = replace(
+            arch,
+            text_words=(),
+            text_max_length=plain.text_max_length,
+            text_layers=plain.text_layers,
+        )
     if args.text_layers is not None:
         arch = replace(arch, text_layers=args.text_layers)
     t = replace(
         t,
         arch=arch,
-        unet_steps=args.steps or t.unet_steps,
-        eval_every=args.every or t.eval_every,
+        unet_steps=t.unet_steps if args.steps is None else args.steps,
+        eval_every=t.eval_every if args.every is None else args.every,
     )
     judge = Judge.load(model_directory("nextgpt-mini") / "judges", args.modality)
     start = time.perf_counter()

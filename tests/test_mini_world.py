@@ -111,14 +111,33 @@ def test_every_caption_names_every_attribute(world, modality):
             assert world.parse_caption(modality, caption.upper() + " !") == combo
 
 
-def test_every_caption_fits_the_tiny_decoders_text_encoders(world):
-    """Their tokenizers are character-level: a caption longer than this would be truncated."""
-    room = TinyDecoderArch().text_max_length - 2  # start and end tokens
-    for m in MODALITIES:
-        for combo in world.combinations(m):
-            for template in TEMPLATES[m]:
-                words = {a.name: a.phrase(combo[a.name]) for a in world.attributes(m)}
-                assert len(template.format(**words)) <= room
+def _recipe_arch(modality: str) -> TinyDecoderArch:
+    from nextgpt.mini.pretrain_audio import AudioDecoderTraining
+    from nextgpt.mini.pretrain_image import ImageDecoderTraining
+    from nextgpt.mini.pretrain_video import VideoDecoderTraining
+
+    recipes = {
+        "image": ImageDecoderTraining,
+        "video": VideoDecoderTraining,
+        "audio": AudioDecoderTraining,
+    }
+    return recipes[modality]().arch
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_every_caption_fits_the_build_decoders_text_encoders(world, modality):
+    """Every wording of every combination, tokenized by the decoder the build trains, keeps its
+    end token: a longer caption would be truncated and lose its last words."""
+    from nextgpt.decoders.tiny import tiny_tokenizer
+
+    arch = _recipe_arch(modality)
+    tokenizer = tiny_tokenizer(modality, arch)
+    for combo in world.combinations(modality):
+        for template in TEMPLATES[modality]:
+            words = {a.name: a.phrase(combo[a.name]) for a in world.attributes(modality)}
+            caption = template.format(**words)
+            ids = tokenizer(caption, truncation=False).input_ids
+            assert len(ids) <= arch.text_max_length, (caption, len(ids))
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
