@@ -160,6 +160,10 @@ def test_eval_part_writes_tables_with_the_ablation(smoke):
     )
     results = json.loads((smoke / "eval" / "results.json").read_text())
     assert set(results["caption"]) == {"image", "audio", "video"}
+    prompts = [item["prompt"] for item in results["items"] if item["section"] == "generation"]
+    assert prompts, "the per-item records are kept in results.json"
+    done = json.loads((smoke / "eval" / mini_build.DONE).read_text())["metrics"]
+    assert "items" not in done["results"]  # done.json keeps the tables' figures only
     stage1 = json.loads((smoke / "stage1" / mini_build.DONE).read_text())["metrics"]
     assert stage1["last_loss"]["step"] == 2  # the smoke overrides reached the shipped recipe
 

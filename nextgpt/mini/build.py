@@ -331,11 +331,13 @@ def build_eval(ctx: Context) -> None:
         ablation[kind] = evaluate(model, None, ctx.world, understanding, ctx.progress)
     tables += ["\n## ablation: input projector after stage 1, same budget\n\n"]
     tables += [ablation_table(ablation["grouping"], ablation["linear"])]
-    for record in (results, *ablation.values()):
-        record.pop("items", None)  # kept in the JSON files below, not in done.json
     (ctx.folder / "eval.md").write_text("".join(tables))
+    # every item (prompt, answer, judged scores) goes to the JSON files, to diagnose a figure
+    # without asking again; done.json keeps the tables' figures only
     (ctx.folder / "results.json").write_text(json.dumps(results, indent=1))
     (ctx.folder / "ablation.json").write_text(json.dumps(ablation, indent=1))
+    for record in (results, *ablation.values()):
+        record.pop("items", None)
     ctx.metrics.update(results=results, ablation=ablation)
 
 
