@@ -459,3 +459,11 @@ def test_audio_decoder_refuses_word_tokens():
         tiny_tokenizer("audio", TinyDecoderArch(text_words=("red",)))
     with pytest.raises(ValueError, match="unknown decoder modality"):
         tiny_tokenizer("smell", TinyDecoderArch())
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+def test_a_text_vocab_smaller_than_the_tokenizer_is_refused(modality):
+    from nextgpt.decoders.tiny import tiny_tokenizer
+
+    with pytest.raises(ValueError, match="text_vocab 100 < tokenizer size"):
+        tiny_tokenizer(modality, TinyDecoderArch(text_vocab=100))

@@ -145,25 +145,29 @@ def tiny_tokenizer(modality: str, arch: TinyDecoderArch) -> CLIPTokenizer | Robe
     """The tokenizer a tiny decoder of `modality` gets from `arch`: CLIP's for image and video
     (whole words where `arch.text_words` lists them), CLAP's RoBERTa one, by characters, for audio.
     AudioLDM conditions on CLAP's one pooled vector, so per-word tokens buy it nothing, and asking
-    for them there is refused rather than ignored."""
+    for them there is refused rather than ignored. The text encoder's `text_vocab` must hold every
+    token."""
+    tokenizer: CLIPTokenizer | RobertaTokenizer
     if modality == "audio":
         if arch.text_words:
             raise ValueError(
                 "text_words applies to the image and video decoders' CLIP tokenizers; the audio "
                 "decoder's CLAP tokenizer is character-level"
             )
-        return roberta_char_tokenizer(arch.text_max_length)
-    if modality not in ("image", "video"):
+        tokenizer = roberta_char_tokenizer(arch.text_max_length)
+    elif modality not in ("image", "video"):
         raise ValueError(f"unknown decoder modality {modality!r}; use image, video or audio")
-    if arch.text_words:
-        return clip_word_tokenizer(arch.text_words, arch.text_max_length)
-    return clip_char_tokenizer(arch.text_max_length)
+    elif arch.text_words:
+        tokenizer = clip_word_tokenizer(arch.text_words, arch.text_max_length)
+    else:
+        tokenizer = clip_char_tokenizer(arch.text_max_length)
+    if arch.text_vocab < len(tokenizer):
+        raise ValueError(f"text_vocab {arch.text_vocab} < tokenizer size {len(tokenizer)}")
+    return tokenizer
 
 
 def _clip_text(modality: str, arch: TinyDecoderArch) -> tuple[CLIPTextModel, CLIPTokenizer]:
     tokenizer = tiny_tokenizer(modality, arch)
-    if arch.text_vocab < len(tokenizer):
-        raise ValueError(f"text_vocab {arch.text_vocab} < tokenizer size {len(tokenizer)}")
     config = CLIPTextConfig(
         vocab_size=arch.text_vocab,
         hidden_size=arch.text_width,
@@ -244,8 +248,6 @@ def _audio(arch: TinyDecoderArch) -> AudioLDMPipeline:
         norm_num_groups=arch.norm_groups,
     )
     tokenizer = tiny_tokenizer("audio", arch)
-    if arch.text_vocab < len(tokenizer):
-        raise ValueError(f"text_vocab {arch.text_vocab} < tokenizer size {len(tokenizer)}")
     text_encoder = ClapTextModelWithProjection(
         ClapTextConfig(
             vocab_size=arch.text_vocab,
