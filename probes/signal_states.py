@@ -4,8 +4,11 @@
 For every train combination it asks "Make a picture of a {size} {colour} {shape}.", keeps the
 states the image output projector receives (the LLM's hidden states at the signal tokens) and
 the conditioning it returns, and prints, per attribute, the mean squared distance between the
-states (and the conditionings) of two requests that differ in that attribute only. An attribute
-whose states barely move is lost before the projector. No image is decoded.
+states (and the conditionings) of two requests that differ in that attribute only. No image is
+decoded. A small distance is not proof that the states lack an attribute: in session 7's
+word-level build size lay 0.0005 apart here, yet a linear probe read it from those states at
+1.00, and the projector, not the LLM, was what lost it (docs/mini-design.md section 8). A
+conditioning distance near zero beside a state distance above zero points at the projector.
 
     python probes/signal_states.py                      # the shipped nextgpt-mini
     python probes/signal_states.py build/mini/package/nextgpt-mini
