@@ -112,16 +112,10 @@ def test_every_caption_names_every_attribute(world, modality):
 
 
 def _recipe_arch(modality: str) -> TinyDecoderArch:
-    from nextgpt.mini.pretrain_audio import AudioDecoderTraining
-    from nextgpt.mini.pretrain_image import ImageDecoderTraining
-    from nextgpt.mini.pretrain_video import VideoDecoderTraining
+    """The decoder architecture the full build trains for `modality`."""
+    from nextgpt.mini.build import scales
 
-    recipes = {
-        "image": ImageDecoderTraining,
-        "video": VideoDecoderTraining,
-        "audio": AudioDecoderTraining,
-    }
-    return recipes[modality]().arch
+    return getattr(scales()["full"], f"{modality}_decoder").arch
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
