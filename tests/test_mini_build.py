@@ -92,7 +92,9 @@ def test_image_decoder_loads_and_generates(smoke):
         DecoderConfig(modality="image", pretrained=str(smoke / "image-decoder" / "pipeline")),
         device="cpu",
     )
-    assert decoder.conditioning_shape() == (48, 32)
+    # word-level text encoder: one token per caption word between the two specials
+    assert decoder.conditioning_shape() == (16, 32)
+    assert len(decoder.pipeline.tokenizer("a small red circle").input_ids) == 6
     cond = decoder.encode_text(["a small red circle"])
     (image,) = decoder.generate(cond, steps=2, guidance=2.0)
     assert isinstance(image, Image.Image) and image.size == (32, 32)

@@ -72,7 +72,8 @@ def test_saved_pipeline_reloads_and_generates_videos(trained):
     decoder = build_decoder(
         DecoderConfig(modality="video", pretrained=str(folder), num_frames=8), device="cpu"
     )
-    assert decoder.conditioning_shape() == (48, 32)
+    assert decoder.conditioning_shape() == (16, 32)  # word-level: one token per caption word
+    assert len(again.tokenizer("a red circle moving up").input_ids) == 7
     cond = decoder.encode_text(["a red circle moving up", "a blue square moving left"])
     videos = decoder.generate(cond, steps=2, guidance=2.0)
     assert [(v.shape, v.dtype) for v in videos] == [((8, 32, 32, 3), np.uint8)] * 2

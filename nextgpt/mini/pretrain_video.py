@@ -32,7 +32,7 @@ from nextgpt.decoders.tiny import build_tiny_pipeline
 from nextgpt.mini.denoiser import train_denoiser
 from nextgpt.mini.judges import Judge
 from nextgpt.mini.pretrain_image import _tokens, train_probed_text_encoder
-from nextgpt.mini.world import World
+from nextgpt.mini.world import World, caption_words
 
 MODALITY = "video"
 
@@ -42,15 +42,22 @@ def _video_arch() -> TinyDecoderArch:
     SD's schedule the UNet3D learned to read the trajectory out of the starting noise, so its
     videos moved in a random direction whatever the caption said (0.25 after 2,400 steps). With
     the rescaled schedule the axis of motion binds within 300 steps and its sign after about
-    1,500: 1.00 at 2,400 (docs/mini-design.md, section 8)."""
+    1,500: 1.00 at 2,400 (docs/mini-design.md, section 8). Word tokens, one conditioning row per
+    caption word, bind all three attributes on train combinations by 1,200 steps."""
     return TinyDecoderArch(
-        norm_groups=8, vae_channels=(32, 64, 64), block_channels=(32, 64), zero_terminal_snr=True
+        norm_groups=8,
+        vae_channels=(32, 64, 64),
+        block_channels=(32, 64),
+        zero_terminal_snr=True,
+        text_words=caption_words("video"),
+        text_layers=0,
+        text_max_length=16,
     )
 
 
 @dataclass(frozen=True)
 class VideoDecoderTraining:
-    """Steps and sizes of each phase; the defaults are the full build's (about 25 minutes at one
+    """Steps and sizes of each phase; the defaults are the full build's (about 55 minutes at one
     thread, most of it the UNet3D's)."""
 
     arch: TinyDecoderArch = field(default_factory=_video_arch)
@@ -62,8 +69,9 @@ class VideoDecoderTraining:
     text_batch: int = 64
     text_lr: float = 2e-3
     # 0.93 s/step at batch 16 on one core. Direction binds last (under the zero-SNR schedule:
-    # 0.50 at 1,200 steps, 1.00 at 1,800), so it gets 2,400 steps (~37 min)
-    unet_steps: int = 2400
+    # 0.50 at 1,200 steps, 1.00 at 1,800 with character tokens; with word tokens 1.00 on train
+    # combinations at 1,200), so it gets 1,800 steps
+    unet_steps: int = 1800
     unet_batch: int = 16
     unet_lr: float = 1e-3
     warmup: int = 50
