@@ -51,6 +51,20 @@ LATEST_FILE = "latest"  # in a training run directory: the newest checkpoint's n
 class ModelOutput:
     loss: torch.Tensor
     terms: dict[str, torch.Tensor]  # "text", "align/<modality>", "diffusion/<modality>"
+    # Logged beside the terms, never part of the loss. "align_row_max/<modality>": the largest
+    # mean squared error of one conditioning row (token position), over the batch. An output
+    # projector can leave one attribute's row at the midpoint of its values for thousands of
+    # steps while every other row fits; the align term divides that row's error by the row
+    # count (0.17 of 16 rows), this shows it whole (2.7).
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _worst_row(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The largest per-row mean squared error of (N, rows, ...) conditionings; (N, D) is one row."""
+    error = (cond.float() - target.float()).pow(2)
+    rows = error.shape[1] if error.ndim > 2 else 1
+    return error.reshape(error.shape[0], rows, -1).mean(dim=(0, 2)).max()
 
 
 @dataclass
@@ -305,6 +319,7 @@ class NextGPT(nn.Module):
             embeds, attention_mask=batch.attention_mask, output_hidden_states=need_hidden
         )
         terms: dict[str, torch.Tensor] = {}
+        diagnostics: dict[str, torch.Tensor] = {}
         if "text" in losses:
             terms["text"] = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
@@ -322,13 +337,14 @@ class NextGPT(nn.Module):
                     target = self.caption_targets(modality, targets.captions, targets.embeddings)
                     if target is not None:
                         terms[f"align/{modality}"] = F.mse_loss(cond.float(), target.float())
+                        diagnostics[f"align_row_max/{modality}"] = _worst_row(cond, target)
                 if "diffusion" in losses and all(x is not None for x in targets.media):
                     media = torch.stack(targets.media).to(cond.device)
                     decoder = self.decoders[modality]
                     terms[f"diffusion/{modality}"] = decoder.denoising_loss(cond, media)
         if not terms:
             raise ValueError(f"no loss term could be computed for {losses} on this batch")
-        return ModelOutput(sum(terms.values()), terms)
+        return ModelOutput(sum(terms.values()), terms, diagnostics)
 
     def project_signal(
         self, modality: str, input_ids: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor

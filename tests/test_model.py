@@ -76,6 +76,21 @@ def test_forward_returns_each_loss_term(tiny_model):
         tiny_model(batch, losses=("bleu",))
 
 
+def test_align_row_max_shows_one_stuck_row_whole(tiny_model, monkeypatch):
+    batch = make_batch(tiny_model)
+    del batch.targets["audio"]
+    n = len(batch.targets["image"])
+    rows, width = tiny_model.decoders["image"].conditioning_shape()
+    target = torch.zeros(n, rows, width)
+    target[:, 1] = 2.0  # every row fits but one, which is 2 off everywhere: its error is 4
+    monkeypatch.setattr(tiny_model, "project_signal", lambda *a: torch.zeros(n, rows, width))
+    monkeypatch.setattr(tiny_model, "caption_targets", lambda *a: target)
+    out = tiny_model(batch, losses=("align",))
+    assert out.terms["align/image"].item() == pytest.approx(4 / rows)
+    assert out.diagnostics == {"align_row_max/image": pytest.approx(torch.tensor(4.0))}
+    torch.testing.assert_close(out.loss, out.terms["align/image"])  # never part of the loss
+
+
 def test_align_target_is_the_decoders_own_caption_embedding(tiny_model):
     batch = make_batch(tiny_model)
     target = tiny_model.caption_targets("image", ["a red ball"], [None])

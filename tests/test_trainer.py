@@ -142,6 +142,8 @@ def test_stage2_with_the_diffusion_loss(toy, tmp_path):
     config.losses = ("text", "align", "diffusion")
     result = train(config)
     assert all(entry["diffusion/image"] > 0 for entry in result.history)
+    # the worst conditioning row is logged beside the align term, and no row is below the mean
+    assert all(e["align_row_max/image"] >= e["align/image"] > 0 for e in result.history)
 
 
 def test_streaming_from_tar_shards(toy, tmp_path):

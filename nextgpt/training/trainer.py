@@ -163,7 +163,7 @@ def train(config: TrainConfig) -> TrainResult:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
             step_loss += out.loss.detach().float() / config.grad_accum
-            for name, value in out.terms.items():
+            for name, value in {**out.terms, **out.diagnostics}.items():
                 sums[name] += float(value.detach())
                 counts[name] += 1
         step += 1
