@@ -61,7 +61,10 @@ class ModelOutput:
 
 @torch.no_grad()
 def _worst_row(cond: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The largest per-row mean squared error of (N, rows, ...) conditionings; (N, D) is one row."""
+    """The largest per-row mean squared error of (N, rows, ...) conditionings; (N, D) is one row.
+    It recomputes the squared error apart from the align term's F.mse_loss (a few thousand
+    numbers a batch) rather than deriving that term from it, so the loss keeps the arithmetic
+    the shipped build's stages were trained with and a rebuild can still reproduce them."""
     error = (cond.float() - target.float()).pow(2)
     rows = error.shape[1] if error.ndim > 2 else 1
     return error.reshape(error.shape[0], rows, -1).mean(dim=(0, 2)).max()
