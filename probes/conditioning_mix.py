@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from projector_tap import ProjectorTap
 
 from nextgpt.decoders.base import diffusion_target
 from nextgpt.mini.evaluate import generation_items, load_judges
@@ -53,26 +54,12 @@ def main() -> None:
     model = NextGPT.from_pretrained(args.model)
     world = World(WorldConfig(seed=0))
     judges = load_judges((shipped_model_dir(args.model) or Path(args.model)) / "judges")
-    projector = model.output_projectors["image"]
-    project = projector.forward
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(hidden: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        cond = project(hidden, embeds)
-        seen["cond"] = cond[0].detach().float().clone()
-        return cond
-
-    projector.forward = keep  # the instance attribute shadows the method: only this model
-    model.decoders["image"].generate = lambda cond, **options: [None]
+    tap = ProjectorTap(model, "image")
     requests = {}
     for split in ("train", "heldout"):
         conds, golds = [], []
         for item in generation_items(world, split, "image", 48):
-            seen.clear()
-            model.generate(item.prompt, modalities=["image"], max_new_tokens=30, seed=0)
-            if not seen:
-                raise RuntimeError(f"no image signal tokens for {item.prompt!r}")
-            conds.append(seen["cond"])
+            conds.append(tap.ask(item.prompt)[1].float())
             golds.append(item.attributes)
         requests[split] = (torch.stack(conds), golds)
 

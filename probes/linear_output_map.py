@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from projector_tap import ProjectorTap
 
 from nextgpt.mini.evaluate import generation_items, judge_input, load_judges
 from nextgpt.mini.world import World, WorldConfig
@@ -50,19 +51,8 @@ def main() -> None:
 
     model = NextGPT.from_pretrained(args.model)
     world = World(WorldConfig(seed=0))
-    projector = model.output_projectors[modality]
-    project = projector.forward
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(hidden: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        cond = project(hidden, embeds)
-        seen.update(states=hidden[0].detach().float().flatten(), cond=cond[0].detach().float())
-        return cond
-
-    projector.forward = keep  # the instance attribute shadows the method: only this model
+    tap = ProjectorTap(model, modality)
     decoder = model.decoders[modality]
-    generate = decoder.generate
-    decoder.generate = lambda cond, **options: [None]
 
     combos = world.combinations(modality, "train") + world.combinations(modality, "heldout")
     with torch.no_grad():
@@ -76,12 +66,9 @@ def main() -> None:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
         states, conds, golds = [], [], []
         for item in generation_items(world, split, modality, count, seed=seed):
-            seen.clear()
-            model.generate(item.prompt, modalities=[modality], max_new_tokens=30, seed=0)
-            if not seen:
-                raise RuntimeError(f"no {modality} signal tokens for {item.prompt!r}")
-            states.append(seen["states"])
-            conds.append(seen["cond"])
+            state, cond = tap.ask(item.prompt)
+            states.append(state.float().flatten())
+            conds.append(cond.float())
             golds.append(item.attributes)
         wanted = torch.stack([targets[key(g)] for g in golds])
         return torch.stack(states), torch.stack(conds), wanted, golds
@@ -130,7 +117,9 @@ def main() -> None:
             drawn: collections.Counter = collections.Counter()
             for sample in range(2):
                 for media, gold in zip(
-                    generate(cond.to(decoder.pipeline.unet.dtype), seed=sample), golds, strict=True
+                    tap.decode(cond.to(decoder.pipeline.unet.dtype), seed=sample),
+                    golds,
+                    strict=True,
                 ):
                     media = judge_input(modality, media, world.config.video_fps)
                     judged = judges.judge(modality, media)

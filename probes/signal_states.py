@@ -21,6 +21,7 @@ import itertools
 from typing import Any
 
 import torch
+from projector_tap import ProjectorTap
 
 from nextgpt.mini.world import World, WorldConfig
 from nextgpt.model import NextGPT
@@ -37,26 +38,13 @@ def main() -> None:
 
     model = NextGPT.from_pretrained(args.model)
     world = World(WorldConfig(seed=0))
-    projector = model.output_projectors["image"]
-    project = projector.forward
-    seen: dict[str, torch.Tensor] = {}
-
-    def keep(hidden: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        cond = project(hidden, embeds)
-        seen.update(states=hidden[0].detach().clone(), cond=cond[0].detach().clone())
-        return cond
-
-    projector.forward = keep  # the instance attribute shadows the method: only this model
-    model.decoders["image"].generate = lambda cond, **options: [None]  # no decoding needed
+    tap = ProjectorTap(model, "image")
 
     records: dict[tuple[str, ...], dict[str, Any]] = {}
     for combo in world.combinations("image", "train"):
         prompt = f"Make a picture of a {combo['size']} {combo['colour']} {combo['shape']}."
-        seen.clear()
-        model.generate(prompt, modalities=["image"], max_new_tokens=30, seed=0)
-        if not seen:
-            raise RuntimeError(f"the model emitted no image signal tokens for {prompt!r}")
-        records[tuple(combo[a] for a in ATTRIBUTES)] = dict(seen)
+        state, cond = tap.ask(prompt)
+        records[tuple(combo[a] for a in ATTRIBUTES)] = {"states": state, "cond": cond}
 
     for i, name in enumerate(ATTRIBUTES):
         states, conds = [], []
