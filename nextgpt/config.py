@@ -155,10 +155,13 @@ class SignalTokenConfig:
 class OutputProjectorConfig:
     """Signal-token hidden states -> decoder conditioning, one projector per output modality.
 
-    Linear(llm -> hidden) -> Transformer encoder-decoder with learnable queries -> Linear(hidden ->
-    decoder width). The number of queries and the output width come from the decoder.
+    `transformer` (the paper's): Linear(llm -> hidden) -> Transformer encoder-decoder with
+    learnable queries -> Linear(hidden -> decoder width); the number of queries and the output
+    width come from the decoder. `linear`: one linear map from the flattened signal states to the
+    whole conditioning (only the input fields below apply; see `nextgpt.projectors.output`).
     """
 
+    kind: str = "transformer"  # transformer | linear
     hidden_dim: int = 512
     num_heads: int = 4
     encoder_layers: int = 4

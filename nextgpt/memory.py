@@ -275,7 +275,7 @@ def size_projectors(config: NextGPTConfig, llm: ComponentSize) -> ComponentSize:
     Needs the LLM's width (from its sized architecture) and each decoder's recorded conditioning
     shape; a modality whose shape is not recorded yet is left out.
     """
-    from nextgpt.projectors import OutputProjector, build_input_projector
+    from nextgpt.projectors import build_input_projector, build_output_projector
 
     hidden = _llm_hidden(config)
     if hidden is None or not llm.known:
@@ -294,7 +294,7 @@ def size_projectors(config: NextGPTConfig, llm: ComponentSize) -> ComponentSize:
             if d.cond_len is None or d.cond_dim is None:
                 continue
             signal = getattr(config.signal_tokens, m)
-            projector = OutputProjector(
+            projector = build_output_projector(
                 config.output_projector, hidden, signal, d.cond_len, d.cond_dim
             )
             parts.append(Part(f"output/{m}", count(projector)))

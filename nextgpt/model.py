@@ -37,7 +37,7 @@ from nextgpt.decoding import SamplingOptions, SignalGuide
 from nextgpt.encoders.imagebind import ImageBindEncoder
 from nextgpt.encoders.preprocess import preprocess_audio, preprocess_image, preprocess_video
 from nextgpt.llm import LanguageModel
-from nextgpt.projectors import OutputProjector, build_input_projector
+from nextgpt.projectors import build_input_projector, build_output_projector
 
 LOSS_TERMS = ("text", "align", "diffusion")
 CONFIG_FILE = "config.yaml"
@@ -155,7 +155,7 @@ class NextGPT(nn.Module):
             dec_cfg.cond_len, dec_cfg.cond_dim = cond_len, cond_dim
             decoders[m] = decoder
             torch.manual_seed(config.seed + 10 + MODALITIES.index(m))
-            projectors[m] = OutputProjector(
+            projectors[m] = build_output_projector(
                 config.output_projector,
                 llm.hidden_size,
                 getattr(config.signal_tokens, m),

@@ -1,15 +1,22 @@
-"""Output projector: signal-token states -> decoder conditioning (shapes, inputs, fit, size)."""
+"""Output projectors: signal-token states -> decoder conditioning (shapes, inputs, fit, size,
+and which kind composes combinations it never saw)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nextgpt.config import OutputProjectorConfig
-from nextgpt.projectors import OutputProjector
+from nextgpt.projectors import (
+    OUTPUT_PROJECTOR_KINDS,
+    LinearOutputProjector,
+    OutputProjector,
+    build_output_projector,
+)
 
 TINY = OutputProjectorConfig(
     hidden_dim=32, num_heads=2, encoder_layers=1, decoder_layers=1, ff_dim=64
@@ -30,20 +37,28 @@ def test_shapes(signals: int, cond_len: int, cond_dim: int) -> None:
         assert (out[:, 0] - out[:, 1]).abs().max() > 1e-4
 
 
-def test_wrong_number_of_signal_tokens_is_an_error() -> None:
-    proj = OutputProjector(TINY, 24, 4, 5, 8)
+def kind(name: str, **changes: object) -> OutputProjectorConfig:
+    return dataclasses.replace(TINY, kind=name, **changes)
+
+
+@pytest.mark.parametrize("name", OUTPUT_PROJECTOR_KINDS)
+def test_wrong_number_of_signal_tokens_is_an_error(name: str) -> None:
+    proj = build_output_projector(kind(name), 24, 4, 5, 8)
     with pytest.raises(ValueError, match=r"\(B, 4, llm_dim\).*\(2, 5, 24\)"):
         proj(torch.randn(2, 5, 24))
 
 
-def test_input_embeddings_are_added_only_when_configured() -> None:
+@pytest.mark.parametrize("name", OUTPUT_PROJECTOR_KINDS)
+def test_input_embeddings_are_added_only_when_configured(name: str) -> None:
     torch.manual_seed(0)
     hidden, embeds = torch.randn(2, 4, 24), torch.randn(2, 4, 24)
-    proj = OutputProjector(TINY, 24, 4, 5, 8).eval()
+    proj = build_output_projector(kind(name), 24, 4, 5, 8).eval()
     with torch.no_grad():
+        for param in proj.parameters():  # the linear kind starts at zero, which reads nothing
+            param.add_(0.1 * torch.randn_like(param))
         torch.testing.assert_close(proj(hidden, embeds), proj(hidden + embeds))
         assert (proj(hidden, embeds) - proj(hidden)).abs().max() > 1e-4
-    off = OutputProjector(dataclasses.replace(TINY, add_input_embeddings=False), 24, 4, 5, 8)
+    off = build_output_projector(kind(name, add_input_embeddings=False), 24, 4, 5, 8)
     with torch.no_grad():
         assert torch.equal(off(hidden, embeds), off(hidden))
 
@@ -58,9 +73,10 @@ def test_order_of_signal_tokens_matters() -> None:
         assert (proj(hidden) - proj(hidden.flip(1))).abs().max() > 1e-3
 
 
-def test_low_precision_states_and_gradients_reach_every_parameter() -> None:
+@pytest.mark.parametrize("name", OUTPUT_PROJECTOR_KINDS)
+def test_low_precision_states_and_gradients_reach_every_parameter(name: str) -> None:
     torch.manual_seed(0)
-    proj = OutputProjector(TINY, 24, 4, 5, 8)
+    proj = build_output_projector(kind(name), 24, 4, 5, 8)
     out = proj(torch.randn(2, 4, 24, dtype=torch.bfloat16), torch.randn(2, 4, 24))
     assert out.dtype == torch.float32  # the LLM's bf16 states are cast to the projector's dtype
     F.mse_loss(out, torch.randn(2, 5, 8)).backward()
@@ -69,12 +85,13 @@ def test_low_precision_states_and_gradients_reach_every_parameter() -> None:
         assert torch.isfinite(param.grad).all(), name
 
 
-def test_fits_fixed_targets() -> None:
+@pytest.mark.parametrize("name", OUTPUT_PROJECTOR_KINDS)
+def test_fits_fixed_targets(name: str) -> None:
     torch.manual_seed(0)
     batch, signals, llm_dim, cond_len, cond_dim = 8, 4, 32, 6, 16
     hidden, embeds = torch.randn(batch, signals, llm_dim), torch.randn(batch, signals, llm_dim)
     target = torch.randn(batch, cond_len, cond_dim)
-    proj = OutputProjector(TINY, llm_dim, signals, cond_len, cond_dim)
+    proj = build_output_projector(kind(name), llm_dim, signals, cond_len, cond_dim)
     opt = torch.optim.Adam(proj.parameters(), lr=3e-3)
     losses = []
     for _ in range(150):
@@ -83,7 +100,7 @@ def test_fits_fixed_targets() -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    print(f"output projector MSE: {losses[0]:.3f} -> {losses[-1]:.3f}")
+    print(f"{name} output projector MSE: {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.2 * losses[0]
 
 
@@ -109,10 +126,11 @@ def test_centring_is_off_by_default_and_adds_nothing_to_the_state() -> None:
     assert not any("mean" in k for k in proj.state_dict())
 
 
-def test_running_mean_tracks_training_batches_and_is_saved() -> None:
+@pytest.mark.parametrize("name", OUTPUT_PROJECTOR_KINDS)
+def test_running_mean_tracks_training_batches_and_is_saved(name: str) -> None:
     torch.manual_seed(0)
-    centred = dataclasses.replace(TINY, centre_inputs=True, centre_momentum=0.25)
-    proj = OutputProjector(centred, 24, 4, 5, 8)
+    centred = kind(name, centre_inputs=True, centre_momentum=0.25)
+    proj = build_output_projector(centred, 24, 4, 5, 8)
     first, second = torch.randn(3, 4, 24) + 5.0, torch.randn(3, 4, 24) - 5.0
     proj(first)  # the first training batch sets the mean ...
     torch.testing.assert_close(proj.input_mean, first.mean(0))
@@ -121,12 +139,14 @@ def test_running_mean_tracks_training_batches_and_is_saved() -> None:
     torch.testing.assert_close(proj.input_mean, expected)
     proj.eval()
     with torch.no_grad():
+        for param in proj.parameters():
+            param.add_(0.1 * torch.randn_like(param))
         out = proj(first)  # inference reads the mean and leaves it
         torch.testing.assert_close(proj.input_mean, expected)
-        plain = OutputProjector(TINY, 24, 4, 5, 8).eval()
+        plain = build_output_projector(kind(name), 24, 4, 5, 8).eval()
         plain.load_state_dict({k: v for k, v in proj.state_dict().items() if "mean" not in k})
         torch.testing.assert_close(out, plain(first - expected))
-    again = OutputProjector(centred, 24, 4, 5, 8)
+    again = build_output_projector(centred, 24, 4, 5, 8)
     again.load_state_dict(proj.state_dict())
     assert bool(again.mean_ready) and torch.equal(again.input_mean, proj.input_mean)
 
@@ -159,3 +179,65 @@ def test_centring_learns_a_small_signal_on_a_large_drifting_constant_faster() ->
             final[centre] = F.mse_loss(proj(end + codes[label]), targets[label]).item()
     print(f"MSE after {steps} steps: raw {final[False]:.3f}, centred {final[True]:.3f}")
     assert final[True] < 0.5 * final[False]
+
+
+def test_linear_kind_shapes_and_starts_at_zero() -> None:
+    proj = build_output_projector(kind("linear"), 24, 4, 5, 8)
+    assert isinstance(proj, LinearOutputProjector)
+    out = proj(torch.randn(3, 4, 24), torch.randn(3, 4, 24))
+    assert out.shape == (3, 5, 8) and torch.equal(out, torch.zeros(3, 5, 8))
+    assert sum(p.numel() for p in proj.parameters()) == 4 * 24 * 5 * 8 + 5 * 8
+
+
+def test_unknown_kind_is_an_error_naming_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="'mlp'.*transformer, linear"):
+        build_output_projector(kind("mlp"), 24, 4, 5, 8)
+
+
+def test_linear_kind_composes_combinations_it_never_saw() -> None:
+    """States that carry two attributes as a sum (on a large constant, as signal states do), and
+    targets that are the sum of the attributes' conditionings; four of the sixteen pairs are held
+    out of training. The linear projector writes a held-out pair as well as a trained one; the
+    transformer fits the trained pairs closer still but writes held-out ones far off (the
+    miniature's held-out generation, docs/mini-design.md section 8)."""
+    torch.manual_seed(0)
+    signals, llm_dim, cond_len, cond_dim, values = 4, 32, 6, 16, 4
+    constant = 3.0 * torch.randn(signals, llm_dim)
+    state_codes = 0.3 * torch.randn(2, values, signals, llm_dim)
+    target_codes = torch.randn(2, values, cond_len, cond_dim)
+    pairs = list(itertools.product(range(values), repeat=2))
+    heldout = [(i, (i + 1) % values) for i in range(values)]
+    train = [p for p in pairs if p not in heldout]
+
+    def batch(chosen: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = torch.tensor([p[0] for p in chosen]), torch.tensor([p[1] for p in chosen])
+        states = constant + state_codes[0, a] + state_codes[1, b]
+        return states, target_codes[0, a] + target_codes[1, b]
+
+    errors = {}
+    for name in OUTPUT_PROJECTOR_KINDS:
+        torch.manual_seed(1)
+        config = kind(name, centre_inputs=True, add_input_embeddings=False)
+        proj = build_output_projector(config, llm_dim, signals, cond_len, cond_dim)
+        opt = torch.optim.Adam(proj.parameters(), lr=3e-3)
+        states, targets = batch(train)
+        for _ in range(600):
+            noisy = states + 0.01 * torch.randn_like(states)
+            loss = F.mse_loss(proj(noisy), targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        proj.eval()
+        with torch.no_grad():
+            unseen, wanted = batch(heldout)
+            errors[name] = (
+                F.mse_loss(proj(states), targets).item(),
+                F.mse_loss(proj(unseen), wanted).item(),
+            )
+            spread = wanted.var().item()
+    print(f"(train, held-out) MSE: {errors}; held-out target variance {spread:.2f}")
+    linear_train, linear_heldout = errors["linear"]
+    transformer_train, transformer_heldout = errors["transformer"]
+    assert linear_train < 0.02 * spread and linear_heldout < 2 * linear_train + 0.01 * spread
+    assert transformer_train < 0.02 * spread  # it fits what it saw ...
+    assert transformer_heldout > 0.2 * spread  # ... and misses what it did not
