@@ -284,6 +284,37 @@ def test_save_load_round_trip_is_identical(tiny_model, tmp_path):
     np.testing.assert_array_equal(a.audios[0][0], b.audios[0][0])
 
 
+def test_linear_output_projectors_train_save_and_load(tmp_path):
+    """The `linear` kind through the whole model: built from the config, reached by the align
+    loss's gradient, and saved and loaded with the weights it learned."""
+    import dataclasses
+
+    from nextgpt.config import tiny_config
+    from nextgpt.projectors import LinearOutputProjector
+
+    config = tiny_config()
+    config.output_projector = dataclasses.replace(config.output_projector, kind="linear")
+    model = NextGPT.from_config(config)
+    assert all(isinstance(p, LinearOutputProjector) for p in model.output_projectors.values())
+    batch = make_batch(model)
+    model.forward(batch, losses=("align",)).loss.backward()
+    for m in ("image", "audio"):  # the two modalities the batch asks for
+        grad = model.output_projectors[m].fc.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, m
+    with torch.no_grad():
+        for param in model.output_projectors.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    model.eval().save_pretrained(tmp_path / "m")
+    loaded = NextGPT.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.output_projector.kind == "linear"
+    a = model.generate("Draw.", modalities=["image"], max_new_tokens=8, seed=1)
+    b = loaded.generate("Draw.", modalities=["image"], max_new_tokens=8, seed=1)
+    assert a.token_ids == b.token_ids and len(a.media) == len(b.media) >= 1
+    for x, y in zip(a.media, b.media):
+        torch.testing.assert_close(x.conditioning, y.conditioning)
+        assert x.conditioning.abs().max() > 0  # the learned weights, not the zeros it started at
+
+
 def test_decoders_load_only_when_first_needed():
     from nextgpt.config import tiny_config
 

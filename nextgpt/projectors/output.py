@@ -140,7 +140,7 @@ class LinearOutputProjector(_SignalReader):
     It starts at zero (weights and bias), so training begins from the conditioning every request
     shares and every later change is learned from the align loss, as the closed-form probe that
     motivated it was fitted (docs/mini-design.md section 8). It has S * llm_dim * cond_len *
-    cond_dim weights: at most 0.8M a modality in the miniature, but about a billion for SD-1.5's
+    cond_dim weights: at most 0.53M a modality in the miniature, but about a billion for SD-1.5's
     4 signal tokens under a 7B LLM (7.8 billion for Zeroscope's 24), so paper-size models keep
     the transformer.
     """
