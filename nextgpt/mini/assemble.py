@@ -46,14 +46,9 @@ def conditioning_shape(modality: str, arch: TinyDecoderArch) -> tuple[int, int]:
 
 
 def mini_output_projector() -> OutputProjectorConfig:
-    """The miniature's output projectors: linear, and centring their inputs (without centring the
-    stage-2 projector read video direction and audio timbre at chance). Linear because the
-    transformer kind wrote some held-out combinations as another colour, a different pair in each
-    build, while a linear map from the same states composes them (docs/mini-design.md §8). The
-    transformer's fields are unused by the linear kind; they are what `kind="transformer"`
-    rebuilds, the miniature's projector before this one."""
+    """The miniature's output projectors: small, and centring their inputs (without it the
+    stage-2 projector read video direction and audio timbre at chance: docs/mini-design.md §8)."""
     return OutputProjectorConfig(
-        kind="linear",
         hidden_dim=64,
         num_heads=2,
         encoder_layers=1,
