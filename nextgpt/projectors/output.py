@@ -33,8 +33,6 @@ from torch import Tensor, nn
 
 from nextgpt.config import OutputProjectorConfig
 
-OUTPUT_PROJECTOR_KINDS: tuple[str, ...] = ("transformer", "linear")
-
 
 class _SignalReader(nn.Module):
     """What both kinds do before projecting: check the span, add the signal tokens' input
@@ -165,6 +163,13 @@ class LinearOutputProjector(_SignalReader):
         return self.fc(x.flatten(1)).view(hidden.shape[0], *self.cond_shape)
 
 
+_PROJECTORS: dict[str, type[OutputProjector | LinearOutputProjector]] = {
+    "transformer": OutputProjector,
+    "linear": LinearOutputProjector,
+}
+OUTPUT_PROJECTOR_KINDS: tuple[str, ...] = tuple(_PROJECTORS)
+
+
 def build_output_projector(
     config: OutputProjectorConfig,
     llm_dim: int,
@@ -173,10 +178,9 @@ def build_output_projector(
     cond_dim: int,
 ) -> nn.Module:
     """The output projector named by `config.kind`, for one modality's signal tokens."""
-    kinds = {"transformer": OutputProjector, "linear": LinearOutputProjector}
-    if config.kind not in kinds:
+    if config.kind not in _PROJECTORS:
         raise ValueError(
             f"unknown output projector kind {config.kind!r}; known: "
             f"{', '.join(OUTPUT_PROJECTOR_KINDS)}"
         )
-    return kinds[config.kind](config, llm_dim, num_signal_tokens, cond_len, cond_dim)
+    return _PROJECTORS[config.kind](config, llm_dim, num_signal_tokens, cond_len, cond_dim)
