@@ -29,13 +29,14 @@ from projector_tap import ProjectorTap
 from nextgpt.decoders.base import diffusion_target
 from nextgpt.mini.evaluate import generation_items, load_judges
 from nextgpt.mini.pretrain_image import _pixels, _tokens
-from nextgpt.mini.world import World, WorldConfig
+from nextgpt.mini.world import World, WorldConfig, combination_key
 from nextgpt.model import NextGPT
 from nextgpt.shipped import shipped_model_dir
 
 
-def key(attributes: dict[str, str]) -> tuple:
-    return tuple(sorted(attributes.items()))
+def _one_apart(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Whether two combinations differ in exactly one attribute."""
+    return sum(a[name] != b[name] for name in a) == 1
 
 
 def main() -> None:
@@ -72,13 +73,12 @@ def main() -> None:
 
     train = world.combinations("image", "train")
     partners = train + (world.combinations("image", "heldout") if args.neighbours == "all" else [])
-    row = {key(c): encode([world.caption("image", c)])[0] for c in train + partners}
+    row = {combination_key(c): encode([world.caption("image", c)])[0] for c in train + partners}
     neighbours = [
-        torch.stack([row[key(d)] for d in partners if sum(c[a] != d[a] for a in c) == 1])
-        for c in train
+        torch.stack([row[combination_key(d)] for d in partners if _one_apart(c, d)]) for c in train
     ]
-    cond, empty = torch.stack([row[key(c)] for c in train]), encode([""])
-    index = {key(c): i for i, c in enumerate(train)}
+    cond, empty = torch.stack([row[combination_key(c)] for c in train]), encode([""])
+    index = {combination_key(c): i for i, c in enumerate(train)}
 
     unet = pipe.unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2)
@@ -90,7 +90,7 @@ def main() -> None:
         with torch.no_grad():
             latents = pipe.vae.encode(_pixels([s.media for s in samples])).latent_dist
             latents = latents.sample(generator) * pipe.vae.config.scaling_factor
-        rows = [index[key(s.attributes)] for s in samples]
+        rows = [index[combination_key(s.attributes)] for s in samples]
         c = cond[rows].clone()
         for i, r in enumerate(rows):
             if args.mix > 0 and torch.rand((), generator=generator) < args.share:

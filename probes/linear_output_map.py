@@ -26,13 +26,9 @@ import torch.nn.functional as F
 from projector_tap import ProjectorTap
 
 from nextgpt.mini.evaluate import generation_items, judge_input, load_judges
-from nextgpt.mini.world import World, WorldConfig
+from nextgpt.mini.world import World, WorldConfig, combination_key
 from nextgpt.model import NextGPT
 from nextgpt.shipped import shipped_model_dir
-
-
-def key(attributes: dict[str, str]) -> tuple:
-    return tuple(sorted(attributes.items()))
 
 
 def main() -> None:
@@ -57,9 +53,10 @@ def main() -> None:
     combos = world.combinations(modality, "train") + world.combinations(modality, "heldout")
     with torch.no_grad():
         targets = {
-            key(c): decoder.encode_text([world.caption(modality, c)])[0].float() for c in combos
+            combination_key(c): decoder.encode_text([world.caption(modality, c)])[0].float()
+            for c in combos
         }
-    table = torch.stack([targets[key(c)] for c in combos])
+    table = torch.stack([targets[combination_key(c)] for c in combos])
 
     def collect(
         split: str, count: int, seed: int
@@ -70,7 +67,7 @@ def main() -> None:
             states.append(state.float().flatten())
             conds.append(cond.float())
             golds.append(item.attributes)
-        wanted = torch.stack([targets[key(g)] for g in golds])
+        wanted = torch.stack([targets[combination_key(g)] for g in golds])
         return torch.stack(states), torch.stack(conds), wanted, golds
 
     train_states, _, train_targets, _ = collect("train", args.train, seed=7)

@@ -19,7 +19,14 @@ from nextgpt.mini.dialogues import (
     media_slots,
     write_dataset,
 )
-from nextgpt.mini.world import MODALITIES, TEMPLATES, World, WorldConfig, caption_words
+from nextgpt.mini.world import (
+    MODALITIES,
+    TEMPLATES,
+    World,
+    WorldConfig,
+    caption_words,
+    combination_key,
+)
 
 SMALL = DatasetSizes(comprehension=2, generation=2, instructions=dict.fromkeys(KINDS, 4))
 
@@ -279,3 +286,12 @@ def test_dataset_files_are_reproducible(dataset, world, tmp_path):
         if f.suffix == ".mp4":
             a, b = load_video(dataset / f)[0], load_video(again / f)[0]
             assert np.abs(a.astype(int) - b).mean() < 3
+
+
+def test_combination_key_ignores_attribute_order_and_tells_combinations_apart():
+    a = {"shape": "circle", "colour": "red", "size": "small"}
+    reordered = {"size": "small", "colour": "red", "shape": "circle"}
+    assert combination_key(a) == combination_key(reordered)
+    assert combination_key(a) != combination_key({**a, "colour": "blue"})
+    keys = {combination_key(c) for c in World(WorldConfig(seed=0)).combinations("image", "all")}
+    assert len(keys) == 24  # 3 shapes x 4 colours x 2 sizes, no two alike

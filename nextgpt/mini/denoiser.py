@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nextgpt.decoders.base import diffusion_target
-from nextgpt.mini.world import Sample, World
+from nextgpt.mini.world import Sample, World, combination_key
 
 
 class DenoiserSchedule(Protocol):
@@ -59,7 +59,7 @@ def train_denoiser(
     """
     unet = pipe.unet.train().requires_grad_(True)
     combos = world.combinations(modality, "train")
-    index = {tuple(sorted(c.items())): i for i, c in enumerate(combos)}
+    index = {combination_key(c): i for i, c in enumerate(combos)}
     with torch.no_grad():
         cond = encode_captions([world.caption(modality, c) for c in combos])
         empty = encode_captions([""])
@@ -77,7 +77,7 @@ def train_denoiser(
         samples = [world.sample(modality, rng, "train") for _ in range(t.unet_batch)]
         with torch.no_grad():
             latents = latents_of(samples, generator)
-        rows = torch.tensor([index[tuple(sorted(s.attributes.items()))] for s in samples])
+        rows = torch.tensor([index[combination_key(s.attributes)] for s in samples])
         drop = torch.rand(t.unet_batch, generator=generator) < t.caption_dropout
         c = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), empty, cond[rows])
         steps = torch.randint(0, len(alphas), (t.unet_batch,), generator=generator)

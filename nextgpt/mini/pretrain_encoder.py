@@ -36,7 +36,7 @@ from nextgpt.config import EncoderConfig, tiny_config
 from nextgpt.encoders.imagebind import ImageBindEncoder
 from nextgpt.encoders.preprocess import preprocess_audio, preprocess_image, preprocess_video
 from nextgpt.mini.schedules import warmup_cosine
-from nextgpt.mini.world import BACKGROUND, COLOURS, MODALITIES, Sample, World
+from nextgpt.mini.world import BACKGROUND, COLOURS, MODALITIES, Sample, World, combination_key
 
 # Captions are tokenized as bytes; the end-of-text id is the largest, because ImageBind's text
 # trunk finds the end of a caption with argmax over the ids (CLIP's EOS is its largest id).
@@ -209,10 +209,6 @@ def augment(
     return torch.stack(inputs), targets
 
 
-def _combo_key(attributes: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted(attributes.items()))
-
-
 def supervised_contrastive(
     media: torch.Tensor, text: torch.Tensor, keys: list[Any], scale: torch.Tensor
 ) -> torch.Tensor:
@@ -277,7 +273,7 @@ def pretrain_encoder(
                     targets = {k: torch.cat([v, y_aug[k]]) for k, v in targets.items()}
                 out = encoder.encode(m, x)
                 text = encoder.encode("text", caption_ids([s.caption for s in samples], config))
-                keys = [_combo_key(s.attributes) for s in samples]
+                keys = [combination_key(s.attributes) for s in samples]
                 # the text postprocessor carries the learned logit scale; use it as the temperature
                 logit_scale = scale.log_logit_scale.exp().clamp(max=100.0)
                 losses[f"{m}_nce"] = supervised_contrastive(

@@ -155,6 +155,12 @@ class Sample:
     media: Any = field(repr=False)
 
 
+def combination_key(attributes: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """A combination as a hashable key, the same whatever order its attributes were listed in
+    (to index per-combination tables: caption encodings, class ids)."""
+    return tuple(sorted(attributes.items()))
+
+
 def stable_key(key: str | int) -> int:
     """An integer for a seed sequence; Python's `hash` of a str changes between processes."""
     return key if isinstance(key, int) else zlib.crc32(key.encode())
