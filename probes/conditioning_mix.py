@@ -23,10 +23,9 @@ import copy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from projector_tap import ProjectorTap
 
-from nextgpt.decoders.base import diffusion_target
+from nextgpt.mini.denoiser import denoising_step
 from nextgpt.mini.evaluate import generation_items, load_judges
 from nextgpt.mini.pretrain_image import _pixels, _tokens
 from nextgpt.mini.world import World, WorldConfig, combination_key
@@ -98,17 +97,18 @@ def main() -> None:
                 weight = torch.rand((), generator=generator) * args.mix
                 c[i] = (1 - weight) * c[i] + weight * partner
         c = torch.where((torch.rand(64, generator=generator) < 0.1).view(-1, 1, 1), empty, c)
-        t = torch.randint(0, len(alphas), (64,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        a = alphas[t].view(-1, 1, 1, 1)
-        prediction = unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, c).sample
-        loss = F.mse_loss(prediction, diffusion_target(kind, latents, noise, a))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        loss = denoising_step(
+            lambda noisy, t, cond: unet(noisy, t, cond).sample,
+            opt,
+            unet,
+            latents,
+            c,
+            alphas,
+            kind,
+            generator,
+        )
         if (step + 1) % 50 == 0:
-            print(f"step {step + 1}: loss {loss.item():.4f}", flush=True)
+            print(f"step {step + 1}: loss {loss:.4f}", flush=True)
     unet.eval().requires_grad_(False)
 
     @torch.no_grad()

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from projector_tap import ProjectorTap
 
-from nextgpt.decoders.base import diffusion_target
+from nextgpt.mini.denoiser import denoising_step
 from nextgpt.mini.evaluate import generation_items, load_judges
 from nextgpt.mini.pretrain_image import _tokens
 from nextgpt.mini.pretrain_video import _encode, _pixels
@@ -69,6 +68,10 @@ def main() -> None:
     cond, empty = encode([world.caption("video", c) for c in train]), encode([""])
     index = {combination_key(c): i for i, c in enumerate(train)}
     unet = pipe.unet.train().requires_grad_(True)
+
+    def predict(noisy: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return unet(noisy, t, encoder_hidden_states=c).sample
+
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=1e-2)
     alphas = pipe.scheduler.alphas_cumprod.float()
     kind = pipe.scheduler.config.prediction_type
@@ -82,18 +85,9 @@ def main() -> None:
         c = cond[[index[combination_key(s.attributes)] for s in samples]]
         c = c + args.sigma * torch.randn(c.shape, generator=generator)
         c = torch.where((torch.rand(b, generator=generator) < 0.1).view(-1, 1, 1), empty, c)
-        t = torch.randint(0, len(alphas), (b,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        a = alphas[t].view(-1, 1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        prediction = unet(noisy, t, encoder_hidden_states=c).sample
-        loss = F.mse_loss(prediction, diffusion_target(kind, latents, noise, a))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        loss = denoising_step(predict, opt, unet, latents, c, alphas, kind, generator)
         if (step + 1) % 50 == 0:
-            print(f"step {step + 1}: loss {loss.item():.4f}", flush=True)
+            print(f"step {step + 1}: loss {loss:.4f}", flush=True)
     unet.eval().requires_grad_(False)
 
     @torch.no_grad()

@@ -36,6 +36,32 @@ class DenoiserSchedule(Protocol):
     seed: int
 
 
+def denoising_step(
+    predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    alphas: torch.Tensor,
+    kind: str,
+    generator: torch.Generator,
+) -> float:
+    """One optimiser step of the denoising loss on `latents` under `cond`: a uniform timestep
+    and Gaussian noise per sample, drawn from `generator` in that order (so a run that draws
+    the same way reproduces), the scheduler's target, gradients clipped to norm 1. Shared by
+    `train_denoiser` and the probes that fine-tune a decoder's UNet. Returns the loss."""
+    steps = torch.randint(0, len(alphas), (len(latents),), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    a = alphas[steps].view(-1, *[1] * (latents.dim() - 1))
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    loss = F.mse_loss(predict(noisy, steps, cond), diffusion_target(kind, latents, noise, a))
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def train_denoiser(
     pipe: Any,
     world: World,
@@ -80,18 +106,10 @@ def train_denoiser(
         rows = torch.tensor([index[combination_key(s.attributes)] for s in samples])
         drop = torch.rand(t.unet_batch, generator=generator) < t.caption_dropout
         c = torch.where(drop.view(-1, *[1] * (cond.dim() - 1)), empty, cond[rows])
-        steps = torch.randint(0, len(alphas), (t.unet_batch,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        a = alphas[steps].view(-1, *[1] * (latents.dim() - 1))
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        loss = F.mse_loss(predict(noisy, steps, c), diffusion_target(kind, latents, noise, a))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        loss = denoising_step(predict, opt, unet, latents, c, alphas, kind, generator)
         schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}")
         if step == t.unet_steps or (t.eval_every and step % t.eval_every == 0):
             row = {
                 "step": step,
