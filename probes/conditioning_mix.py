@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-from pathlib import Path
 
 import torch
 from projector_tap import ProjectorTap
 
 from nextgpt.mini.denoiser import denoising_step
-from nextgpt.mini.evaluate import generation_items, load_judges
+from nextgpt.mini.evaluate import judges_dir, load_judges
 from nextgpt.mini.pretrain_image import _pixels, _tokens
 from nextgpt.mini.world import World, WorldConfig, combination_key
 from nextgpt.model import NextGPT
-from nextgpt.shipped import shipped_model_dir
 
 
 def _one_apart(a: dict[str, str], b: dict[str, str]) -> bool:
@@ -53,15 +51,8 @@ def main() -> None:
 
     model = NextGPT.from_pretrained(args.model)
     world = World(WorldConfig(seed=0))
-    judges = load_judges((shipped_model_dir(args.model) or Path(args.model)) / "judges")
-    tap = ProjectorTap(model, "image")
-    requests = {}
-    for split in ("train", "heldout"):
-        conds, golds = [], []
-        for item in generation_items(world, split, "image", 48):
-            conds.append(tap.ask(item.prompt)[1].float())
-            golds.append(item.attributes)
-        requests[split] = (torch.stack(conds), golds)
+    judges = load_judges(judges_dir(args.model, None))
+    requests = ProjectorTap(model, "image").requests(world)
 
     pipe = copy.deepcopy(model.decoders["image"].pipeline).to(torch.float32)
     pipe.set_progress_bar_config(disable=True)

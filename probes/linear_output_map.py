@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from projector_tap import ProjectorTap
 
-from nextgpt.mini.evaluate import generation_items, judge_input, load_judges
+from nextgpt.mini.evaluate import generation_items, judge_input, judges_dir, load_judges
 from nextgpt.mini.world import World, WorldConfig, combination_key
 from nextgpt.model import NextGPT
-from nextgpt.shipped import shipped_model_dir
 
 
 def main() -> None:
@@ -98,7 +96,7 @@ def main() -> None:
     }
     judges = None
     if args.judge:
-        judges = load_judges((shipped_model_dir(args.model) or Path(args.model)) / "judges")
+        judges = load_judges(judges_dir(args.model, None))
     for name, cond in maps.items():
         error = ((cond - wanted) ** 2).mean(-1)
         hits: collections.Counter = collections.Counter()

@@ -1,9 +1,9 @@
 """What an output projector receives and returns for one request, with decoding switched off.
 
 Shared by the probes that study the output side (`signal_states.py`, `conditioning_mix.py`,
-`linear_output_map.py`): each asks the model for media, keeps the LLM's hidden states at the
-signal tokens (the projector's input) and the conditioning it hands the decoder, and needs no
-media drawn while it does.
+`video_conditioning_noise.py`, `linear_output_map.py`): each asks the model for media, keeps the
+LLM's hidden states at the signal tokens (the projector's input) and the conditioning it hands the
+decoder, and needs no media drawn while it does.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from nextgpt.mini.evaluate import generation_items
+from nextgpt.mini.world import World
 from nextgpt.model import NextGPT
 
 
@@ -45,3 +47,16 @@ class ProjectorTap:
         if not self._seen:
             raise RuntimeError(f"the model emitted no {self.modality} signal tokens for {prompt!r}")
         return self._seen["states"], self._seen["cond"]
+
+    def requests(
+        self, world: World, count: int = 48
+    ) -> dict[str, tuple[torch.Tensor, list[dict[str, str]]]]:
+        """Per split, the float conditioning of the eval's `count` generation requests (stacked)
+        and their gold attributes: what the probes that redraw or refit the conditioning start
+        from."""
+        out = {}
+        for split in ("train", "heldout"):
+            items = generation_items(world, split, self.modality, count)
+            conds = torch.stack([self.ask(item.prompt)[1].float() for item in items])
+            out[split] = (conds, [item.attributes for item in items])
+        return out

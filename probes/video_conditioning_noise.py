@@ -21,19 +21,17 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-from pathlib import Path
 
 import numpy as np
 import torch
 from projector_tap import ProjectorTap
 
 from nextgpt.mini.denoiser import denoising_step
-from nextgpt.mini.evaluate import generation_items, load_judges
+from nextgpt.mini.evaluate import judges_dir, load_judges
 from nextgpt.mini.pretrain_image import _tokens
 from nextgpt.mini.pretrain_video import _encode, _pixels
 from nextgpt.mini.world import World, WorldConfig, combination_key
 from nextgpt.model import NextGPT
-from nextgpt.shipped import shipped_model_dir
 
 
 def main() -> None:
@@ -49,13 +47,8 @@ def main() -> None:
 
     model = NextGPT.from_pretrained(args.model)
     world = World(WorldConfig(seed=0))
-    judges = load_judges((shipped_model_dir(args.model) or Path(args.model)) / "judges")
-    tap = ProjectorTap(model, "video")
-    requests = {}
-    for split in ("train", "heldout"):
-        items = generation_items(world, split, "video", 48)
-        conds = torch.stack([tap.ask(item.prompt)[1].float() for item in items])
-        requests[split] = (conds, [item.attributes for item in items])
+    judges = load_judges(judges_dir(args.model, None))
+    requests = ProjectorTap(model, "video").requests(world)
 
     pipe = copy.deepcopy(model.decoders["video"].pipeline).to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
