@@ -25,12 +25,16 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from clap_words import additive_residual, word_tokenizer
+from clap_words import additive_residual, fresh_pipeline
 
-from nextgpt.config import TinyDecoderArch
-from nextgpt.decoders.tiny import build_tiny_pipeline
-from nextgpt.mini.pretrain_audio import AudioDecoderTraining, _embed, _tokens, train_text_encoder
-from nextgpt.mini.world import TEMPLATES, World, WorldConfig, caption_words
+from nextgpt.mini.pretrain_audio import (
+    AudioDecoderTraining,
+    _embed,
+    _tokens,
+    train_text_encoder,
+    train_wordings,
+)
+from nextgpt.mini.world import World, WorldConfig
 
 
 def hold_queries_at_zero(pipe) -> None:
@@ -55,12 +59,7 @@ def train_additive(pipe, world: World, seed: int, steps: int = 300) -> dict[str,
         parts = [values[a.name][a.values.index(combo[a.name])] for a in attributes]
         return F.normalize(torch.stack(parts).sum(0), dim=-1)
 
-    train = world.combinations("audio", "train")
-    wordings = [
-        (t.format(**{a.name: a.phrase(c[a.name]) for a in attributes}), c)
-        for c in train
-        for t in TEMPLATES["audio"]
-    ]
+    wordings = train_wordings(world)
     ids, mask = _tokens(pipe, [text for text, _ in wordings])
     targets = torch.stack([target(c) for _, c in wordings])
     encoder = pipe.text_encoder.train().requires_grad_(True)
@@ -93,14 +92,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     world = World(WorldConfig(seed=0))
-    words = caption_words("audio")
     for objective in ("probes", "additive"):
         for tokens in ("characters", "words"):
             for seed in range(args.seeds):
-                arch = TinyDecoderArch(norm_groups=8, zero_terminal_snr=True, text_layers=1)
-                pipe = build_tiny_pipeline("audio", arch, seed)
-                if tokens == "words":
-                    pipe.tokenizer = word_tokenizer(words, arch.text_max_length)
+                pipe, arch = fresh_pipeline(world, tokens, 1, seed)
                 hold_queries_at_zero(pipe)
                 torch.manual_seed(seed)  # the encoder's dropout draws from the global generator
                 if objective == "probes":

@@ -22,6 +22,7 @@ import argparse
 import json
 
 import torch
+from diffusers import AudioLDMPipeline
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import RobertaTokenizer
@@ -50,6 +51,23 @@ def word_tokenizer(words: tuple[str, ...], max_length: int) -> RobertaTokenizer:
     return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+def fresh_pipeline(
+    world: World, tokens: str, layers: int, seed: int
+) -> tuple[AudioLDMPipeline, TinyDecoderArch]:
+    """An untrained tiny audio pipeline whose CLAP text encoder has `layers` layers, with the
+    character-level tokenizer (`tokens="characters"`) or one that keeps each caption word whole
+    (`"words"`, checked on a caption)."""
+    arch = TinyDecoderArch(norm_groups=8, zero_terminal_snr=True, text_layers=layers)
+    pipe = build_tiny_pipeline("audio", arch, seed)
+    if tokens == "words":
+        pipe.tokenizer = word_tokenizer(caption_words("audio"), arch.text_max_length)
+        caption = world.caption("audio", world.combinations("audio", "train")[0])
+        pieces = pipe.tokenizer.tokenize(caption)
+        if len(pieces) != len(caption.split()):
+            raise RuntimeError(f"{caption!r} did not tokenize by words: {pieces}")
+    return pipe, arch
+
+
 def additive_residual(pipe, world: World) -> tuple[float, float]:
     """Unexplained energy share of the sum-of-attribute-vectors fit: train, held-out captions."""
     attributes = world.attributes("audio")
@@ -72,18 +90,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     world = World(WorldConfig(seed=0))
-    words = caption_words("audio")
     for tokens in ("characters", "words"):
         for layers in (1, 2):
             for seed in range(args.seeds):
-                arch = TinyDecoderArch(norm_groups=8, zero_terminal_snr=True, text_layers=layers)
-                pipe = build_tiny_pipeline("audio", arch, seed)
-                if tokens == "words":
-                    pipe.tokenizer = word_tokenizer(words, arch.text_max_length)
-                    caption = world.caption("audio", world.combinations("audio", "train")[0])
-                    pieces = pipe.tokenizer.tokenize(caption)
-                    if len(pieces) != len(caption.split()):
-                        raise RuntimeError(f"{caption!r} did not tokenize by words: {pieces}")
+                pipe, arch = fresh_pipeline(world, tokens, layers, seed)
                 settings = AudioDecoderTraining(arch=arch, seed=seed)
                 torch.manual_seed(seed)  # the encoder's dropout draws from the global generator
                 scores = train_text_encoder(pipe, world, settings, False)

@@ -313,6 +313,18 @@ def _embed(pipe: AudioLDMPipeline, ids: torch.Tensor, mask: torch.Tensor) -> tor
     return F.normalize(pipe.text_encoder(ids, attention_mask=mask).text_embeds, dim=-1)
 
 
+def train_wordings(world: World) -> list[tuple[str, dict[str, str]]]:
+    """Every train combination in every caption template, with its attributes: what the text
+    encoder learns from (each wording, not only the canonical caption, so the vector follows the
+    words rather than one sentence shape)."""
+    attributes = world.attributes("audio")
+    return [
+        (template.format(**{a.name: a.phrase(c[a.name]) for a in attributes}), c)
+        for c in world.combinations("audio", "train")
+        for template in TEMPLATES["audio"]
+    ]
+
+
 def train_text_encoder(
     pipe: AudioLDMPipeline, world: World, t: AudioDecoderTraining, progress: bool
 ) -> dict:
@@ -324,12 +336,7 @@ def train_text_encoder(
     attributes = world.attributes("audio")
     width = encoder.config.projection_dim
     probes = nn.ModuleDict({a.name: nn.Linear(width, len(a.values)) for a in attributes})
-    combos = world.combinations("audio", "train")
-    captions = [
-        (template.format(**{a.name: a.phrase(c[a.name]) for a in attributes}), c)
-        for c in combos
-        for template in TEMPLATES["audio"]
-    ]
+    captions = train_wordings(world)
     ids, mask = _tokens(pipe, [text for text, _ in captions])
     targets = {
         a.name: torch.tensor([a.values.index(c[a.name]) for _, c in captions]) for a in attributes
