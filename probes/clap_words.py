@@ -78,7 +78,9 @@ def additive_residual(pipe, world: World) -> tuple[float, float]:
     onehots = torch.tensor(
         [[float(c[a.name] == v) for a in attributes for v in a.values] for c in combos]
     )
-    weights = torch.linalg.lstsq(onehots[: len(train)], vectors[: len(train)]).solution
+    # one-hot columns of each attribute sum to 1, so the design is rank-deficient: lstsq's rank
+    # decision then flips between calls on the same input; the SVD pseudo-inverse does not
+    weights = torch.linalg.pinv(onehots[: len(train)]) @ vectors[: len(train)]
     share = ((vectors - onehots @ weights) ** 2).sum(-1) / (vectors**2).sum(-1)
     return float(share[: len(train)].mean()), float(share[len(train) :].mean())
 
