@@ -239,7 +239,7 @@ def test_nearest_caption_reads_the_combination_back_from_a_conditioning(world):
     decoder = RenderingDecoder(world, "image")
     combos, bank = ev.caption_bank(world, "image", decoder)
     assert len(combos) == 24 and bank.shape == (24, 1, 24)
-    gold = {"shape": "circle", "colour": "yellow", "size": "small"}  # a held-out combination
+    gold = {"shape": "circle", "colour": "yellow", "size": "large"}  # a held-out combination
     cond = bank[combos.index(gold)] + 0.2 * torch.randn(
         1, 24, generator=torch.Generator().manual_seed(0)
     )

@@ -124,16 +124,44 @@ def _listing(words: list[str], last: str = "and") -> str:
     return ", ".join(words[:-1]) + f" {last} {words[-1]}"
 
 
-def _change(world: World, sample: Sample, rng: np.random.Generator, split: str) -> tuple[str, str]:
-    """A random single-attribute change that keeps the result in `split` -> (name, new value)."""
-    options = [
+def _changes(world: World, modality: str, attributes: dict[str, str], split: str) -> list:
+    """Every single-attribute change of `attributes` whose result is in `split`."""
+    return [
         (a.name, v)
-        for a in world.attributes(sample.modality)
+        for a in world.attributes(modality)
         for v in a.values
-        if v != sample.attributes[a.name]
-        and world.in_split({**sample.attributes, a.name: v}, split)
+        if v != attributes[a.name] and world.in_split({**attributes, a.name: v}, split)
     ]
-    return _pick(rng, options)
+
+
+def _chain(
+    world: World, rng: np.random.Generator, split: str, modality: str, steps: int
+) -> list[dict[str, str]]:
+    """`steps + 1` combinations, each one attribute away from the one before, all in `split`.
+    Where `split` has no such step (held-out rules that are whole combinations are never one
+    change apart), the chain ends in `split` and comes to it from outside, so the last medium is
+    still one of the split's."""
+    start = _pick(rng, world.combinations(modality, split))
+    chain = [start]
+    for _ in range(steps):
+        options = _changes(world, modality, chain[-1], split)
+        if not options:
+            break
+        name, value = _pick(rng, options)
+        chain.append({**chain[-1], name: value})
+    else:
+        return chain
+    chain = [start]
+    for _ in range(steps):
+        name, value = _pick(rng, _changes(world, modality, chain[0], "all"))
+        chain.insert(0, {**chain[0], name: value})
+    return chain
+
+
+def _changed(before: dict[str, str], after: dict[str, str]) -> tuple[str, str]:
+    """The one attribute that differs -> (name, new value)."""
+    (name,) = [k for k in after if after[k] != before[k]]
+    return name, after[name]
 
 
 def _change_phrase(world: World, modality: str, name: str, value: str) -> str:
@@ -180,14 +208,23 @@ def transfer_dialogue(
     world: World, rng: np.random.Generator, split: str, modality: str
 ) -> Dialogue:
     """X -> Y: image <-> video keep shape and colour; within a modality one attribute changes.
-    The answer names the output's attributes before its signal tokens, so they condition on it."""
+    The answer names the output's attributes before its signal tokens, so they condition on it.
+    The output stays in `split` too: held-out rules are whole combinations, so an image's shape
+    and colour are not enough to keep a video of them in the image's split. Where no direction
+    (or size) would, the request changes one attribute within the modality instead."""
     d = Dialogue("transfer")
     source = world.sample(modality, rng, split)
     targets = {"image": ("video", "image"), "video": ("image", "video"), "audio": ("audio",)}
     target = _pick(rng, targets[modality])
     shared = {k: source.attributes[k] for k in ("shape", "colour") if k in source.attributes}
-    if target == "video" and modality == "image":
-        direction = _pick(rng, world.attribute("video", "direction").values)
+    free = {"video": "direction", "image": "size"}.get(target, "")
+    options = [
+        v
+        for v in (world.attribute(target, free).values if target != modality else ())
+        if world.in_split({**shared, free: v}, split)
+    ]
+    if options and target == "video":
+        direction = _pick(rng, options)
         result = world.make("video", {**shared, "direction": direction}, rng)
         request = _pick(
             rng,
@@ -196,8 +233,8 @@ def transfer_dialogue(
                 "Animate this shape so that it moves {v}.",
             ),
         ).format(v=direction)
-    elif target == "image" and modality == "video":
-        size = _pick(rng, world.attribute("image", "size").values)
+    elif options and target == "image":
+        size = _pick(rng, options)
         result = world.make("image", {**shared, "size": size}, rng)
         request = _pick(
             rng,
@@ -207,8 +244,9 @@ def transfer_dialogue(
             ),
         ).format(v=size)
     else:
-        name, value = _change(world, source, rng, split)
-        result = world.make(modality, {**source.attributes, name: value}, rng)
+        before, after = _chain(world, rng, split, modality, 1)
+        source, result = world.make(modality, before, rng), world.make(modality, after, rng)
+        name, value = _changed(before, after)
         request = AGAIN[modality].format(change=_change_phrase(world, modality, name, value))
     d.human(request, source)
     d.gpt(f"Here is {world.caption(result.modality, result.attributes, rng)}.", result)
@@ -218,12 +256,13 @@ def transfer_dialogue(
 def edit_dialogue(world: World, rng: np.random.Generator, split: str, modality: str) -> Dialogue:
     """Make a medium, then change it one attribute at a time; sometimes end with thanks."""
     d = Dialogue("edit")
-    current = world.sample(modality, rng, split)
+    chain = _chain(world, rng, split, modality, 1 + int(rng.integers(2)))
+    current = world.make(modality, chain[0], rng)
     d.human(_request(world, rng, current))
     d.gpt(_pick(rng, ACKNOWLEDGE), current)
-    for _ in range(1 + int(rng.integers(2))):
-        name, value = _change(world, current, rng, split)
-        current = world.make(modality, {**current.attributes, name: value}, rng)
+    for attributes in chain[1:]:
+        name, value = _changed(current.attributes, attributes)
+        current = world.make(modality, attributes, rng)
         d.human(f"Now {_change_phrase(world, modality, name, value)}.")
         d.gpt(f"Here is {world.caption(modality, current.attributes, rng)}.", current)
     if rng.random() < 0.3:

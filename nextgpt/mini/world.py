@@ -8,8 +8,9 @@ quickly but colour and position slowly. So the attributes are few and visually (
 far apart, position is a nuisance rather than an attribute, and motion always crosses the frame.
 
 A `World` has one attribute space per modality, a small caption grammar, and train / held-out
-splits: some attribute pairs (e.g. a yellow circle) never occur in training, so that evaluation can
-measure generalisation to unseen combinations. Media are plain in-memory values that the rest of
+splits: some whole combinations (e.g. a large yellow circle) never occur in training, though
+each of their pairs of values does, so that evaluation can measure generalisation to unseen
+combinations. Media are plain in-memory values that the rest of
 the package already accepts: a PIL image, `(waveform, sample_rate)` and `(uint8 frames, fps)`.
 """
 
@@ -111,17 +112,20 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 
 @dataclass(frozen=True)
 class WorldConfig:
-    """Sizes of the media and the held-out attribute pairs.
+    """Sizes of the media and the held-out attribute combinations.
 
     Sizes match the miniature's decoders and encoder (nextgpt.config tiny_config): 32x32 images,
     8-frame 32x32 videos, 1 s of 16 kHz audio. A combination is held out when it contains every
-    (attribute, value) of one `held_out` rule; shape/colour rules apply to images and videos alike,
-    so a held-out pair is unseen in every modality. Each shape and three of the four colours are
-    held out once, each pitch and rhythm once, so every single value is still seen in training.
-    Audio pairs pitch with rhythm, not timbre: every spectrum (pitch x timbre) then occurs in
-    training, so the frame-local vocoder and mel autoencoder need not extrapolate to new spectra
-    (a calibration showed a tiny vocoder trained on pitch x timbre splits failing on held-out
-    spectra); what is new is the combination, which the LLM and the UNet must bind.
+    (attribute, value) of one `held_out` rule. The shipped rules are whole combinations (triples)
+    chosen so that every *pair* of values in each of them still occurs in training: what is new is
+    the combination, as "a large yellow circle" is new to a model that has seen small yellow
+    circles and large yellow squares. (Until session 14 the rules held out pairs, "yellow circle"
+    in every size; at this scale no part of the model composed a pair it had never seen, in any
+    variant measured over 13 sessions: docs/mini-design.md section 8.) Images hold out one size of
+    6 of the 12 shape-colour pairs; videos one direction of each shape-colour pair and audio one
+    rhythm of each pitch-timbre pair (Latin squares). Every spectrum (pitch x timbre) then still
+    occurs in training, so the frame-local vocoder and mel autoencoder need not extrapolate to new
+    spectra (a calibration showed a tiny vocoder failing on held-out spectra).
     """
 
     seed: int = 0
@@ -132,12 +136,37 @@ class WorldConfig:
     sample_rate: int = 16000
     audio_seconds: float = 1.0
     held_out: tuple[tuple[tuple[str, str], ...], ...] = (
-        (("shape", "circle"), ("colour", "yellow")),
-        (("shape", "square"), ("colour", "blue")),
-        (("shape", "triangle"), ("colour", "red")),
-        (("pitch", "low"), ("rhythm", "rapid")),
-        (("pitch", "medium"), ("rhythm", "steady")),
-        (("pitch", "high"), ("rhythm", "double")),
+        # images: 6 of 12 shape-colour pairs lose one size (no shape-size or colour-size pair
+        # loses more than one of its partners)
+        (("shape", "circle"), ("colour", "yellow"), ("size", "large")),
+        (("shape", "circle"), ("colour", "red"), ("size", "small")),
+        (("shape", "square"), ("colour", "blue"), ("size", "large")),
+        (("shape", "square"), ("colour", "green"), ("size", "small")),
+        (("shape", "triangle"), ("colour", "red"), ("size", "large")),
+        (("shape", "triangle"), ("colour", "yellow"), ("size", "small")),
+        # videos: direction = (shape + colour) mod 4, one per shape-colour pair
+        (("shape", "circle"), ("colour", "red"), ("direction", "left")),
+        (("shape", "circle"), ("colour", "green"), ("direction", "right")),
+        (("shape", "circle"), ("colour", "blue"), ("direction", "up")),
+        (("shape", "circle"), ("colour", "yellow"), ("direction", "down")),
+        (("shape", "square"), ("colour", "red"), ("direction", "right")),
+        (("shape", "square"), ("colour", "green"), ("direction", "up")),
+        (("shape", "square"), ("colour", "blue"), ("direction", "down")),
+        (("shape", "square"), ("colour", "yellow"), ("direction", "left")),
+        (("shape", "triangle"), ("colour", "red"), ("direction", "up")),
+        (("shape", "triangle"), ("colour", "green"), ("direction", "down")),
+        (("shape", "triangle"), ("colour", "blue"), ("direction", "left")),
+        (("shape", "triangle"), ("colour", "yellow"), ("direction", "right")),
+        # audio: rhythm = (pitch + timbre) mod 3, one per pitch-timbre pair
+        (("pitch", "low"), ("timbre", "pure"), ("rhythm", "steady")),
+        (("pitch", "low"), ("timbre", "hollow"), ("rhythm", "double")),
+        (("pitch", "low"), ("timbre", "buzzy"), ("rhythm", "rapid")),
+        (("pitch", "medium"), ("timbre", "pure"), ("rhythm", "double")),
+        (("pitch", "medium"), ("timbre", "hollow"), ("rhythm", "rapid")),
+        (("pitch", "medium"), ("timbre", "buzzy"), ("rhythm", "steady")),
+        (("pitch", "high"), ("timbre", "pure"), ("rhythm", "rapid")),
+        (("pitch", "high"), ("timbre", "hollow"), ("rhythm", "steady")),
+        (("pitch", "high"), ("timbre", "buzzy"), ("rhythm", "double")),
     )
 
 
@@ -357,8 +386,8 @@ class World:
 
 def caption_words(modality: str) -> tuple[str, ...]:
     """Every word a caption of `modality` can hold, in any template, sorted. Each word of a
-    held-out combination's caption also occurs in train captions (only pairs are held out), so a
-    tokenizer built on these words learns nothing about the held-out split."""
+    held-out combination's caption also occurs in train captions (only combinations are held
+    out), so a tokenizer built on these words learns nothing about the held-out split."""
     words: set[str] = set()
     attributes = ATTRIBUTES[modality]
     for template in TEMPLATES[modality]:
