@@ -270,8 +270,11 @@ def test_dialogue_outputs_are_judged_only_where_a_decoder_and_judge_exist(
             assert modalities["image"]["all"][split]["ceiling"] >= 0.95, (kind, split)
     records = [r for r in results["items"] if r["section"] == "dialogue"]
     assert len(records) == 2 * 6 * len(ev.DIALOGUE_KINDS)
-    edit = next(r for r in records if r["kind"] == "edit")
-    assert [line.split(":")[0] for line in edit["prompt"]] == ["user", "assistant", "user"]
+    edits = [r for r in records if r["kind"] == "edit"]
+    for edit in edits:  # the gold turns before the last request, replayed in order
+        roles = [line.split(":")[0] for line in edit["prompt"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], roles
+    assert {len(e["prompt"]) for e in edits} >= {3}
 
 
 def test_routing_without_decoding_sees_every_emitted_group(tiny_model):
