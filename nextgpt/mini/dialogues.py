@@ -124,7 +124,9 @@ def _listing(words: list[str], last: str = "and") -> str:
     return ", ".join(words[:-1]) + f" {last} {words[-1]}"
 
 
-def _changes(world: World, modality: str, attributes: dict[str, str], split: str) -> list:
+def _changes(
+    world: World, modality: str, attributes: dict[str, str], split: str
+) -> list[tuple[str, str]]:
     """Every single-attribute change of `attributes` whose result is in `split`."""
     return [
         (a.name, v)
@@ -217,12 +219,10 @@ def transfer_dialogue(
     targets = {"image": ("video", "image"), "video": ("image", "video"), "audio": ("audio",)}
     target = _pick(rng, targets[modality])
     shared = {k: source.attributes[k] for k in ("shape", "colour") if k in source.attributes}
-    free = {"video": "direction", "image": "size"}.get(target, "")
-    options = [
-        v
-        for v in (world.attribute(target, free).values if target != modality else ())
-        if world.in_split({**shared, free: v}, split)
-    ]
+    options = []
+    if target != modality:  # the attribute the source does not fix, kept in `split`
+        free = world.attribute(target, {"video": "direction", "image": "size"}[target])
+        options = [v for v in free.values if world.in_split({**shared, free.name: v}, split)]
     if options and target == "video":
         direction = _pick(rng, options)
         result = world.make("video", {**shared, "direction": direction}, rng)
