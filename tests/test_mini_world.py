@@ -310,3 +310,11 @@ def test_combination_key_ignores_attribute_order_and_tells_combinations_apart():
     assert combination_key(a) != combination_key({**a, "colour": "blue"})
     keys = {combination_key(c) for c in World(WorldConfig(seed=0)).combinations("image", "all")}
     assert len(keys) == 24  # 3 shapes x 4 colours x 2 sizes, no two alike
+
+
+def test_an_empty_split_is_named_when_a_dialogue_draws_from_it():
+    world = World(WorldConfig(held_out=()))
+    with pytest.raises(ValueError, match="no image combination is in split 'heldout'"):
+        world.sample("image", world.rng("empty"), "heldout")
+    with pytest.raises(ValueError, match="no audio combination is in split 'heldout'"):
+        make_dialogue(world, "edit", "heldout", 1)

@@ -143,7 +143,7 @@ def _chain(
     Where `split` has no such step (held-out rules that are whole combinations are never one
     change apart), the chain ends in `split` and comes to it from outside, so the last medium is
     still one of the split's."""
-    start = _pick(rng, world.combinations(modality, split))
+    start = world.pick(modality, rng, split)
     chain = [start]
     for _ in range(steps):
         options = _changes(world, modality, chain[-1], split)

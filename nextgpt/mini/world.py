@@ -256,9 +256,18 @@ class World:
     def sample(self, modality: str, rng: np.random.Generator, split: str = "train") -> Sample:
         """A random combination of `split`, rendered with random nuisances, with a caption in a
         random template."""
+        return self.make(modality, self.pick(modality, rng, split), rng)
+
+    def pick(self, modality: str, rng: np.random.Generator, split: str = "train") -> dict[str, str]:
+        """A random combination of `split`; a clear error where the held-out rules leave the
+        split empty (e.g. `held_out=()` has no held-out combinations to draw)."""
         combos = self.combinations(modality, split)
-        attributes = combos[int(rng.integers(len(combos)))]
-        return self.make(modality, attributes, rng)
+        if not combos:
+            rules = [dict(rule) for rule in self.config.held_out]
+            raise ValueError(
+                f"no {modality} combination is in split {split!r} under held_out={rules}"
+            )
+        return combos[int(rng.integers(len(combos)))]
 
     def make(self, modality: str, attributes: dict[str, str], rng: np.random.Generator) -> Sample:
         """A sample with the given attributes (nuisances and caption wording from `rng`)."""
