@@ -181,7 +181,7 @@ class TinyDecoderArch:
 
     The text encoders are character-level (byte-level BPE without merges), so any English caption
     tokenizes; `text_max_length` is then counted in characters (in tokens where `text_words` gives
-    the CLIP tokenizer whole words) and is the conditioning length of the image and video
+    the tokenizer whole words) and is the conditioning length of the image and video
     decoders, whose conditioning width is `text_width`. The audio decoder
     conditions on the CLAP text projection, `projection_dim` wide.
     """
@@ -199,9 +199,10 @@ class TinyDecoderArch:
     text_heads: int = 2
     text_max_length: int = 48
     text_vocab: int = 1000  # at least the 514 character tokens of the tiny CLIP tokenizer
-    # Words the CLIP tokenizer keeps whole (BPE merges learned for them; any other text still
-    # tokenizes by characters). Empty: character-level. Real CLIP's BPE keeps common words whole,
-    # and a character-level encoder trained on few word pairs fuses them (docs/mini-design.md)
+    # Words the text tokenizer (CLIP's, or CLAP's RoBERTa one for audio) keeps whole (BPE merges
+    # learned for them; any other text still tokenizes by characters). Empty: character-level.
+    # Real CLIP's and CLAP's BPEs keep common words whole, and a character-level encoder trained
+    # on few word combinations fuses them (docs/mini-design.md)
     text_words: tuple[str, ...] = ()
     num_train_timesteps: int = 1000
     # SD's schedule ends at a signal-to-noise ratio above zero, so the trained denoiser can read

@@ -13,42 +13,24 @@ attributes co-occur there, so it also fits each canonical caption's vector as a 
 per attribute value (least squares on the 18 train captions) and prints the share of the vector's
 energy that sum leaves unexplained, on train and on held-out captions. No UNet is trained.
 
+On the pair split (session 10) neither tokenizer composed; on the whole-combination split
+(session 15) whole words read every held-out attribute at 0.67 to 1.00, characters pitch at 0.22
+to 0.89, and the build's audio decoder now uses whole words (`roberta_word_tokenizer`).
+
     python probes/clap_words.py
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 from diffusers import AudioLDMPipeline
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import RobertaTokenizer
 
 from nextgpt.config import TinyDecoderArch
-from nextgpt.decoders.tiny import build_tiny_pipeline, roberta_char_tokenizer
+from nextgpt.decoders.tiny import build_tiny_pipeline, roberta_word_tokenizer
 from nextgpt.mini.pretrain_audio import AudioDecoderTraining, _embed, _tokens, train_text_encoder
 from nextgpt.mini.world import World, WorldConfig, caption_words
-
-
-def word_tokenizer(words: tuple[str, ...], max_length: int) -> RobertaTokenizer:
-    """The character-level CLAP tokenizer plus merges that rebuild each word as one token."""
-    vocab = dict(roberta_char_tokenizer(max_length).get_vocab())
-    trainer = trainers.BpeTrainer(
-        vocab_size=len(vocab) + 2 * sum(len(w) + 1 for w in words),
-        min_frequency=1,
-        initial_alphabet=ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(list(words) + [f" {w}" for w in words], trainer)
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    for left, right in merges:
-        vocab.setdefault(left + right, len(vocab))
-    return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def fresh_pipeline(
@@ -60,7 +42,7 @@ def fresh_pipeline(
     arch = TinyDecoderArch(norm_groups=8, zero_terminal_snr=True, text_layers=layers)
     pipe = build_tiny_pipeline("audio", arch, seed)
     if tokens == "words":
-        pipe.tokenizer = word_tokenizer(caption_words("audio"), arch.text_max_length)
+        pipe.tokenizer = roberta_word_tokenizer(caption_words("audio"), arch.text_max_length)
         caption = world.caption("audio", world.combinations("audio", "train")[0])
         pieces = pipe.tokenizer.tokenize(caption)
         if len(pieces) != len(caption.split()):

@@ -450,15 +450,32 @@ def test_word_level_decoder_conditions_per_word_and_round_trips(tmp_path):
     assert torch.equal(loaded.encode_text(["a small red circle"]), a[None])
 
 
-def test_audio_decoder_refuses_word_tokens():
-    """AudioLDM's CLAP tokenizer stays character-level: `text_words` there is an error, not a
-    setting silently ignored."""
-    from nextgpt.decoders.tiny import tiny_tokenizer
+def test_audio_word_tokens_keep_each_word_whole_and_round_trip(tmp_path):
+    """With `text_words` the audio decoder's CLAP (RoBERTa) tokenizer rebuilds each listed word as
+    one token, first in the caption or after a space; other text still falls back to characters,
+    and the single-character ids stay those of the character tokenizer. Saved in diffusers'
+    layout, the pipeline reloads the same tokenizer and conditions identically."""
+    from nextgpt.decoders.tiny import roberta_char_tokenizer, tiny_tokenizer
 
-    with pytest.raises(ValueError, match="audio decoder"):
-        tiny_tokenizer("audio", TinyDecoderArch(text_words=("red",)))
+    words = ("buzzy", "high", "tone", "pulsing", "fast")
+    arch = TinyDecoderArch(text_words=words)
+    tokenizer = tiny_tokenizer("audio", arch)
+    assert tokenizer.tokenize("high buzzy tone, pulsing fast") == [
+        "high", "Ġbuzzy", "Ġtone", ",", "Ġpulsing", "Ġfast"
+    ]  # fmt: skip
+    assert tokenizer.tokenize("a hum") == list(roberta_char_tokenizer(48).tokenize("a hum"))
+    assert tokenizer("x").input_ids == roberta_char_tokenizer(48)("x").input_ids
+    with pytest.raises(ValueError, match="ASCII letters"):
+        tiny_tokenizer("audio", TinyDecoderArch(text_words=("pulsing fast",)))
     with pytest.raises(ValueError, match="unknown decoder modality"):
         tiny_tokenizer("smell", TinyDecoderArch())
+
+    decoder = build_decoder(tiny("audio", tiny=arch), seed=0)
+    before = decoder.encode_text(["high buzzy tone"])
+    decoder.save(tmp_path)
+    loaded = build_decoder(tiny("audio", tiny=arch, pretrained=str(tmp_path)), seed=0)
+    assert loaded.pipeline.tokenizer.tokenize("fast tone") == ["fast", "Ġtone"]
+    assert torch.equal(loaded.encode_text(["high buzzy tone"]), before)
 
 
 @pytest.mark.parametrize("modality", ["image", "video", "audio"])

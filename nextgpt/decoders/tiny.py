@@ -3,8 +3,8 @@
 They stand in for SD-1.5, Zeroscope and AudioLDM in tests and in the miniature: the same diffusers
 pipeline classes and component types, only small and randomly initialised (deterministically per
 seed). The tokenizers are byte-level BPEs without merges, i.e. character-level, so every caption
-tokenizes without a downloaded vocabulary; `TinyDecoderArch.text_words` adds CLIP merges that keep
-those words whole.
+tokenizes without a downloaded vocabulary; `TinyDecoderArch.text_words` adds merges (CLIP's, or
+CLAP's RoBERTa ones for audio) that keep those words whole.
 """
 
 from __future__ import annotations
@@ -61,10 +61,7 @@ def clip_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) -> 
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    clean = sorted({w.lower() for w in words})
-    bad = [w for w in clean if not w.isalpha() or not w.isascii()]
-    if bad:
-        raise ValueError(f"text_words must be ASCII letters only (one word each), got {bad}")
+    clean = _clean_words(words)
     vocab = _clip_byte_vocab()
     merges: list[tuple[str, str]] = []
     if clean:
@@ -83,6 +80,15 @@ def clip_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) -> 
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+def _clean_words(words: tuple[str, ...] | list[str]) -> list[str]:
+    """`words` lower-cased, deduplicated and sorted; anything but one ASCII word is refused."""
+    clean = sorted({w.lower() for w in words})
+    bad = [w for w in clean if not w.isalpha() or not w.isascii()]
+    if bad:
+        raise ValueError(f"text_words must be ASCII letters only (one word each), got {bad}")
+    return clean
+
+
 def roberta_char_tokenizer(max_length: int) -> RobertaTokenizer:
     """RoBERTa (CLAP) tokenizer over the 256 byte symbols."""
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
@@ -90,6 +96,37 @@ def roberta_char_tokenizer(max_length: int) -> RobertaTokenizer:
         vocab[s] = len(vocab)
     vocab["<mask>"] = len(vocab)
     return RobertaTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def roberta_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) -> RobertaTokenizer:
+    """`roberta_char_tokenizer` plus byte-level BPE merges that rebuild each of `words` as one
+    token, both sentence-initial (`word`) and after a space (`Ġword`), as real CLAP's RoBERTa
+    merges do for common words; any other text still falls back to characters.
+
+    Why the audio decoder wants them: AudioLDM pools the caption into one CLAP vector, and a
+    character-level encoder trained on the train combinations pools held-out ones far from the sum
+    of their words (held-out pitch and rhythm probed at 0.22 to 0.89 on that vector); with whole
+    words it reads them at 0.67 to 1.00 (`probes/clap_words.py`, docs/mini-design.md section 8).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    clean = _clean_words(words)
+    vocab = dict(roberta_char_tokenizer(max_length).get_vocab())
+    merges: list[tuple[str, str]] = []
+    if clean:
+        trainer = trainers.BpeTrainer(
+            vocab_size=len(vocab) + 2 * sum(len(w) + 1 for w in clean),  # every word, both forms
+            min_frequency=1,
+            initial_alphabet=ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.train_from_iterator(clean + [f" {w}" for w in clean], trainer)
+        for left, right in json.loads(bpe.to_str())["model"]["merges"]:
+            merges.append((left, right))
+            vocab.setdefault(left + right, len(vocab))
+    return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def build_tiny_pipeline(modality: str, arch: TinyDecoderArch, seed: int = 0) -> DiffusionPipeline:
@@ -142,19 +179,15 @@ def _scheduler(arch: TinyDecoderArch) -> DDIMScheduler:
 
 
 def tiny_tokenizer(modality: str, arch: TinyDecoderArch) -> CLIPTokenizer | RobertaTokenizer:
-    """The tokenizer a tiny decoder of `modality` gets from `arch`: CLIP's for image and video
-    (whole words where `arch.text_words` lists them), CLAP's RoBERTa one, by characters, for audio.
-    AudioLDM conditions on CLAP's one pooled vector, so per-word tokens buy it nothing, and asking
-    for them there is refused rather than ignored. The text encoder's `text_vocab` must hold every
-    token."""
+    """The tokenizer a tiny decoder of `modality` gets from `arch`: CLIP's for image and video,
+    CLAP's RoBERTa one for audio, by characters or, where `arch.text_words` lists them, whole words.
+    The text encoder's `text_vocab` must hold every token."""
     tokenizer: CLIPTokenizer | RobertaTokenizer
     if modality == "audio":
         if arch.text_words:
-            raise ValueError(
-                "text_words applies to the image and video decoders' CLIP tokenizers; the audio "
-                "decoder's CLAP tokenizer is character-level"
-            )
-        tokenizer = roberta_char_tokenizer(arch.text_max_length)
+            tokenizer = roberta_word_tokenizer(arch.text_words, arch.text_max_length)
+        else:
+            tokenizer = roberta_char_tokenizer(arch.text_max_length)
     elif modality not in ("image", "video"):
         raise ValueError(f"unknown decoder modality {modality!r}; use image, video or audio")
     elif arch.text_words:
