@@ -105,8 +105,9 @@ def roberta_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) 
 
     Why the audio decoder wants them: AudioLDM pools the caption into one CLAP vector, and a
     character-level encoder trained on the train combinations pools held-out ones far from the sum
-    of their words (held-out pitch and rhythm probed at 0.22 to 0.89 on that vector); with whole
-    words it reads them at 0.67 to 1.00 (`probes/clap_words.py`, docs/mini-design.md section 8).
+    of their words (held-out pitch probed at 0.22 to 0.89 on that vector); with whole words every
+    held-out attribute reads at 0.67 to 1.00 (`probes/clap_words.py`, docs/mini-design.md
+    section 8).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
