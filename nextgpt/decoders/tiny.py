@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import (
@@ -36,6 +37,10 @@ from transformers import (
 )
 
 from nextgpt.config import TinyDecoderArch
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from tokenizers.trainers import BpeTrainer
 
 
 def _clip_byte_vocab() -> dict[str, int]:
@@ -73,11 +78,20 @@ def clip_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) -> 
         )
         bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
         bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-        bpe.train_from_iterator(clean, trainer)
-        for left, right in json.loads(bpe.to_str())["model"]["merges"]:
-            merges.append((left, right))
-            vocab.setdefault(left + right, len(vocab))
+        merges = _learned_merges(bpe, trainer, clean, vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _learned_merges(
+    bpe: Tokenizer, trainer: BpeTrainer, texts: list[str], vocab: dict[str, int]
+) -> list[tuple[str, str]]:
+    """Train `bpe` on `texts` and return its merges in rank order, adding each merged token to
+    `vocab` (the slow tokenizers take vocab and merges, not a trained `tokenizers` object)."""
+    bpe.train_from_iterator(texts, trainer)
+    merges = [(left, right) for left, right in json.loads(bpe.to_str())["model"]["merges"]]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    return merges
 
 
 def _clean_words(words: tuple[str, ...] | list[str]) -> list[str]:
@@ -123,10 +137,7 @@ def roberta_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) 
         )
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.train_from_iterator(clean + [f" {w}" for w in clean], trainer)
-        for left, right in json.loads(bpe.to_str())["model"]["merges"]:
-            merges.append((left, right))
-            vocab.setdefault(left + right, len(vocab))
+        merges = _learned_merges(bpe, trainer, clean + [f" {w}" for w in clean], vocab)
     return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
