@@ -478,6 +478,48 @@ def test_audio_word_tokens_keep_each_word_whole_and_round_trip(tmp_path):
     assert torch.equal(loaded.encode_text(["high buzzy tone"]), before)
 
 
+def test_word_merges_break_ties_by_symbol_order():
+    """Equally frequent pairs merge plain symbols before word-final ones, then by text, and merged
+    tokens rank in the order they were made, so the vocabulary does not depend on the call."""
+    from nextgpt.decoders.tiny import _learned_merges
+
+    vocab: dict[str, int] = {}
+    words = [["c", "a", "b</w>"], ["c", "a", "t</w>"], ["b", "a</w>"]]
+    # ('c', 'a') is the only pair seen twice; then three ties, each word once
+    assert _learned_merges(words, vocab) == [
+        ("c", "a"), ("b", "a</w>"), ("ca", "b</w>"), ("ca", "t</w>")
+    ]  # fmt: skip
+    assert vocab == {"ca": 0, "ba</w>": 1, "cab</w>": 2, "cat</w>": 3}
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+def test_word_tokenizers_are_deterministic_and_rebuild_the_shipped_ones(modality):
+    """The BPE trainer of `tokenizers` gave the video words 4 vocabularies in 30 calls; the merges
+    learned here give one, the one the shipped nextgpt-mini's decoders carry, token for token."""
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer, RobertaTokenizer
+
+    import nextgpt
+    from nextgpt.decoders.tiny import clip_word_tokenizer, roberta_word_tokenizer
+    from nextgpt.mini.world import caption_words
+
+    build, cls = (
+        (roberta_word_tokenizer, RobertaTokenizer)
+        if modality == "audio"
+        else (clip_word_tokenizer, CLIPTokenizer)
+    )
+    words = caption_words(modality)
+    built = [build(words, 16) for _ in range(8)]
+    shipped_dir = Path(nextgpt.__file__).parent / "models" / "nextgpt-mini" / "decoders" / modality
+    shipped = cls.from_pretrained(shipped_dir / "tokenizer")
+    text = " ".join(words) + " " + ", ".join(reversed(words)) + " purple hexagon"
+    for tokenizer in built:
+        assert tokenizer.get_vocab() == shipped.get_vocab()
+        assert tokenizer(text).input_ids == shipped(text).input_ids
+    assert all(len(tokenizer.tokenize(w)) == 1 for w in words)
+
+
 @pytest.mark.parametrize("modality", ["image", "video", "audio"])
 def test_a_text_vocab_smaller_than_the_tokenizer_is_refused(modality):
     from nextgpt.decoders.tiny import tiny_tokenizer

@@ -9,9 +9,8 @@ CLAP's RoBERTa ones for audio) that keep those words whole.
 
 from __future__ import annotations
 
-import json
 import math
-from typing import TYPE_CHECKING
+from collections import Counter
 
 import torch
 from diffusers import (
@@ -38,10 +37,6 @@ from transformers import (
 
 from nextgpt.config import TinyDecoderArch
 
-if TYPE_CHECKING:
-    from tokenizers import Tokenizer
-    from tokenizers.trainers import BpeTrainer
-
 
 def _clip_byte_vocab() -> dict[str, int]:
     """CLIP's special tokens and the 256 byte symbols, each also in its word-final (`</w>`) form."""
@@ -61,37 +56,50 @@ def clip_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) -> 
     """`clip_char_tokenizer` plus BPE merges that rebuild each of `words` as one token, as real
     CLIP's merges do for common words; any other text still falls back to characters.
 
-    The merges are learned by the `tokenizers` BPE trainer on the words themselves (lower-cased,
-    each once), so applying them in rank order, as CLIPTokenizer does, reproduces its segmentation.
+    The merges are learned on the words themselves (lower-cased, each once) by `_learned_merges`,
+    so applying them in rank order, as CLIPTokenizer does, reproduces its segmentation.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     clean = _clean_words(words)
     vocab = _clip_byte_vocab()
-    merges: list[tuple[str, str]] = []
-    if clean:
-        trainer = trainers.BpeTrainer(
-            vocab_size=len(vocab) + sum(len(w) for w in clean),  # enough to merge every word
-            min_frequency=1,
-            end_of_word_suffix="</w>",
-            show_progress=False,
-        )
-        bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-        bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-        merges = _learned_merges(bpe, trainer, clean, vocab)
+    merges = _learned_merges([[*w[:-1], w[-1] + "</w>"] for w in clean], vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def _learned_merges(
-    bpe: Tokenizer, trainer: BpeTrainer, texts: list[str], vocab: dict[str, int]
-) -> list[tuple[str, str]]:
-    """Train `bpe` on `texts` and return its merges in rank order, adding each merged token to
-    `vocab` (the slow tokenizers take vocab and merges, not a trained `tokenizers` object)."""
-    bpe.train_from_iterator(texts, trainer)
-    merges = [(left, right) for left, right in json.loads(bpe.to_str())["model"]["merges"]]
-    for left, right in merges:
-        vocab.setdefault(left + right, len(vocab))
-    return merges
+def _learned_merges(words: list[list[str]], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges learned on `words` (each a list of its initial symbols, counted once), in rank
+    order, until every word is one token; each merged token is added to `vocab`.
+
+    Why not the `tokenizers` BpeTrainer: it breaks ties between equally frequent pairs in an
+    order that changes from call to call (30 calls on the video words gave 4 vocabularies), so
+    two builds could give a word a different id and its embedding row a different init. Here a
+    tie goes to the pair whose symbols came first, initial symbols ranked plain before word-final
+    (`</w>`) and then by text, merged tokens in the order they were made: the order the trainer
+    itself took in most calls, so the shipped tokenizers are rebuilt exactly. Applying the merges
+    in rank order (as CLIPTokenizer and RobertaTokenizer do) reproduces this segmentation.
+    """
+    seqs = [list(w) for w in words]
+    initial = sorted({s for w in seqs for s in w}, key=lambda s: (s.endswith("</w>"), s))
+    order = {s: i for i, s in enumerate(initial)}
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: Counter[tuple[str, str]] = Counter()
+        for w in seqs:
+            counts.update(zip(w, w[1:]))
+        if not counts:
+            return merges
+        top = max(counts.values())
+        tied = [p for p, c in counts.items() if c == top]
+        pair = min(tied, key=lambda p: (order[p[0]], order[p[1]]))
+        merges.append(pair)
+        joined = pair[0] + pair[1]
+        order.setdefault(joined, len(order))
+        vocab.setdefault(joined, len(vocab))
+        for w in seqs:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == pair:
+                    w[i : i + 2] = [joined]
+                i += 1
 
 
 def _clean_words(words: tuple[str, ...] | list[str]) -> list[str]:
@@ -123,21 +131,10 @@ def roberta_word_tokenizer(words: tuple[str, ...] | list[str], max_length: int) 
     held-out attribute reads at 0.67 to 1.00 (`probes/clap_words.py`, docs/mini-design.md
     section 8).
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     clean = _clean_words(words)
     vocab = dict(roberta_char_tokenizer(max_length).get_vocab())
-    merges: list[tuple[str, str]] = []
-    if clean:
-        trainer = trainers.BpeTrainer(
-            vocab_size=len(vocab) + 2 * sum(len(w) + 1 for w in clean),  # every word, both forms
-            min_frequency=1,
-            initial_alphabet=ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        bpe = Tokenizer(models.BPE())
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        merges = _learned_merges(bpe, trainer, clean + [f" {w}" for w in clean], vocab)
+    space = "\u0120"  # byte-level BPE's symbol for a space (Ġ)
+    merges = _learned_merges([list(w) for w in clean] + [[space, *w] for w in clean], vocab)
     return RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
