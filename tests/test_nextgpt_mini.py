@@ -62,3 +62,12 @@ def test_generation_through_nextgpt_beats_chance(results):
         mean = sum(r["train"]["model"] for a, r in rows.items() if a != "all") / (len(rows) - 1)
         chance = sum(r["chance"] for a, r in rows.items() if a != "all") / (len(rows) - 1)
         assert mean >= wide_margin(chance), (modality, rows)
+
+
+def test_it_loads_for_inference():
+    """Stage 3 trains with LoRA dropout: a model left in training mode would answer at random."""
+    model = NextGPT.from_pretrained(MINI)
+    modules = model.named_modules()
+    dropouts = [m for n, m in modules if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(m.p > 0 for m in dropouts)  # the shipped recipe's dropout is there
+    assert not [n for n, m in model.named_modules() if m.training]
