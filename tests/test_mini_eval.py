@@ -286,6 +286,17 @@ def test_routing_without_decoding_sees_every_emitted_group(tiny_model):
     assert all(item.data is None for item in reply.media)
 
 
+def test_conditioning_can_be_recorded_without_decoding(tiny_model):
+    decoders = tiny_model.decoders
+    with ev.conditioning_recorded(tiny_model, decode=False) as recorders:
+        reply = tiny_model.generate("Make a picture.", modalities=["image"])
+    assert tiny_model.decoders is decoders
+    assert [item.data for item in reply.media] == [None]
+    cond = recorders["image"].last
+    assert cond is not None and cond.dtype == torch.float32 and cond.abs().sum() > 0
+    assert recorders["video"].last is None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nextgpt")
     ev.register(parser.add_subparsers(dest="command", required=True))

@@ -67,7 +67,7 @@ def test_generation_through_nextgpt_beats_chance(results):
 def test_it_loads_for_inference():
     """Stage 3 trains with LoRA dropout: a model left in training mode would answer at random."""
     model = NextGPT.from_pretrained(MINI)
-    modules = model.named_modules()
+    modules = list(model.named_modules())
     dropouts = [m for n, m in modules if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
     assert dropouts and all(m.p > 0 for m in dropouts)  # the shipped recipe's dropout is there
-    assert not [n for n, m in model.named_modules() if m.training]
+    assert not [n for n, m in modules if m.training]

@@ -352,9 +352,16 @@ def decoders_skipped(model: NextGPT) -> contextlib.AbstractContextManager[dict[s
     return _decoders_swapped(model, {m: _NoDecoder() for m in model.decoders})
 
 
-def conditioning_recorded(model: NextGPT) -> contextlib.AbstractContextManager[dict[str, Any]]:
-    """Decode as usual, keeping per modality the conditioning each decoder was last given."""
-    return _decoders_swapped(model, {m: _Recording(d) for m, d in model.decoders.items()})
+def conditioning_recorded(
+    model: NextGPT, decode: bool = True
+) -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """Keep per modality the conditioning each decoder was last given; decode as usual, or, with
+    `decode=False`, not at all (the media come back None: what probes that only read the
+    conditioning back need, without the cost of diffusion)."""
+    return _decoders_swapped(
+        model,
+        {m: _Recording(d if decode else _NoDecoder()) for m, d in model.decoders.items()},
+    )
 
 
 def caption_bank(world: World, modality: str, decoder: Any) -> tuple[list[dict[str, str]], Any]:
