@@ -216,6 +216,24 @@ def test_config_hash_covers_the_world_config(monkeypatch):
     assert mini_build.config_hash(part, scale, 0, {}) != before
 
 
+def test_stage_hash_follows_the_recipe_values_not_its_comments(monkeypatch, tmp_path):
+    """Rewording a recipe's comment must not retrain the stage; changing a value must."""
+    recipe = mini_build.stage_yaml(3).read_text()
+    path = tmp_path / "mini-stage3.yaml"
+    monkeypatch.setattr(mini_build, "stage_yaml", lambda number: path)
+    scale = mini_build.scales()["smoke"]
+    part = next(p for p in mini_build.PARTS if p.name == "stage3")
+    needs = dict.fromkeys(part.needs, "x")
+
+    path.write_text(recipe)
+    before = mini_build.config_hash(part, scale, 0, needs)
+    path.write_text("# a reworded note on the recipe\n" + recipe)
+    assert mini_build.config_hash(part, scale, 0, needs) == before
+    assert "max_steps: 5000" in recipe
+    path.write_text(recipe.replace("max_steps: 5000", "max_steps: 5001"))
+    assert mini_build.config_hash(part, scale, 0, needs) != before
+
+
 def test_stage1_hash_covers_the_input_projector_settings(monkeypatch):
     """A changed input projector (here the grouping assignment) must rerun stage 1, not only a
     changed projector name."""

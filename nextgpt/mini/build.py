@@ -358,15 +358,17 @@ def ablation_table(grouping: dict[str, Any], linear: dict[str, Any]) -> str:
 
 
 def _stage_settings(number: int, projector: str = "") -> Callable[[Scale], Any]:
-    """A stage's hashed settings: the scale's overrides, the recipe's text, the decoder
-    architectures and output projectors recorded in the model config and (stage 1) the input
-    projector."""
+    """A stage's hashed settings: the scale's overrides, the recipe's parsed values (not its text,
+    so a reworded comment does not retrain a stage), the decoder architectures and output
+    projectors recorded in the model config and (stage 1) the input projector."""
 
     def settings(s: Scale) -> dict[str, Any]:
         from nextgpt.mini.assemble import mini_input_projector, mini_output_projector
 
         arches = [s.image_decoder.arch, s.audio_decoder.arch, s.video_decoder.arch]
-        recipe = stage_yaml(number).read_text()
+        import yaml
+
+        recipe = yaml.safe_load(stage_yaml(number).read_text())
         return {
             "stage": s.stage,
             "recipe": recipe,
