@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -232,6 +233,15 @@ def test_stage_hash_follows_the_recipe_values_not_its_comments(monkeypatch, tmp_
     assert "max_steps: 5000" in recipe
     path.write_text(recipe.replace("max_steps: 5000", "max_steps: 5001"))
     assert mini_build.config_hash(part, scale, 0, needs) != before
+
+
+def test_a_broken_recipe_is_named_when_the_build_hashes_it(monkeypatch, tmp_path):
+    path = tmp_path / "mini-stage3.yaml"
+    path.write_text("stage: 3\nlora: [unclosed\n")
+    monkeypatch.setattr(mini_build, "stage_yaml", lambda number: path)
+    part = next(p for p in mini_build.PARTS if p.name == "stage3")
+    with pytest.raises(yaml.YAMLError, match=re.escape(str(path))):
+        mini_build.config_hash(part, mini_build.scales()["smoke"], 0, dict.fromkeys(part.needs))
 
 
 def test_stage1_hash_covers_the_input_projector_settings(monkeypatch):

@@ -363,12 +363,13 @@ def _stage_settings(number: int, projector: str = "") -> Callable[[Scale], Any]:
     projectors recorded in the model config and (stage 1) the input projector."""
 
     def settings(s: Scale) -> dict[str, Any]:
+        import yaml
+
         from nextgpt.mini.assemble import mini_input_projector, mini_output_projector
 
         arches = [s.image_decoder.arch, s.audio_decoder.arch, s.video_decoder.arch]
-        import yaml
-
-        recipe = yaml.safe_load(stage_yaml(number).read_text())
+        with stage_yaml(number).open() as stream:  # a YAML error then names the file
+            recipe = yaml.safe_load(stream)
         return {
             "stage": s.stage,
             "recipe": recipe,
