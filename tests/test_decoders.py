@@ -168,6 +168,23 @@ def test_generate_audio(decoders):
     assert half.shape == (8000,)
 
 
+def test_audio_conditioning_is_drawn_by_its_direction_not_its_length(decoders):
+    # AudioLDM conditions on unit CLAP vectors: a projector's shrunken vector must be drawn as the
+    # caption it points at, in sampling and in the denoising loss alike
+    decoder = decoders["audio"]
+    cond = decoder.encode_text(CAPTIONS[:2])
+    assert torch.allclose(cond.norm(dim=-1), torch.ones(2, 1), atol=1e-5)
+    ((wave, _), (other, _)) = decoder.generate(cond, steps=3, seed=1)
+    ((short, _), _) = decoder.generate(cond * 0.6, steps=3, seed=1)
+    assert np.allclose(short, wave, atol=1e-5)
+    assert np.abs(other - wave).mean() > 1e-3  # a different direction is drawn differently
+    targets = targets_for("audio")
+    with torch.no_grad():
+        full = decoder.denoising_loss(cond, targets, torch.Generator().manual_seed(0))
+        shrunk = decoder.denoising_loss(cond * 0.6, targets, torch.Generator().manual_seed(0))
+    assert shrunk.item() == pytest.approx(full.item(), rel=1e-5)
+
+
 def test_generate_rejects_bad_conditioning_and_sizes(decoders):
     decoder = decoders["image"]
     with pytest.raises(ValueError, match=r"\(B, 48, 32\)"):
