@@ -101,6 +101,77 @@ def test_image_decoder_loads_and_generates(smoke):
     assert isinstance(image, Image.Image) and image.size == (32, 32)
 
 
+def _weights(pipeline: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {
+        f"{f.parent.name}.{k}": v
+        for f in sorted(pipeline.glob("*/*.safetensors"))
+        for k, v in load_file(str(f)).items()
+    }
+
+
+@pytest.mark.parametrize("modality", ["image", "video", "audio"])
+def test_a_decoder_built_in_two_parts_is_the_decoder_built_in_one_process(smoke, modality):
+    """The build trains a decoder's front (autoencoder, vocoder, text encoder) and its UNet in
+    two processes, through a saved pipeline and RNG state, so the stages can start in between;
+    that must give the weights and metrics that all phases in one process give."""
+    import importlib
+
+    from nextgpt.mini.judges import Judges
+    from nextgpt.mini.world import World, WorldConfig
+
+    module = importlib.import_module(f"nextgpt.mini.pretrain_{modality}")
+    judge = Judges.load(smoke / "judges", (modality,)).judges[modality]
+    settings = getattr(mini_build.scales()["smoke"], f"{modality}_decoder")
+    pipe, metrics = getattr(module, f"pretrain_{modality}_decoder")(
+        World(WorldConfig(seed=0)), judge, settings
+    )
+    pipe.save_pretrained(str(smoke.parent / f"{modality}-one-process"))
+    one = _weights(smoke.parent / f"{modality}-one-process")
+    two = _weights(smoke / f"{modality}-decoder" / "pipeline")
+    front = _weights(smoke / mini_build.front_part_name(modality) / "pipeline")
+    assert one.keys() == two.keys() and any(k.startswith("unet.") for k in one)
+    assert [k for k in one if not one[k].equal(two[k])] == []
+    # the UNet did train in the second part, and the text encoder did not change there
+    assert any(not front[k].equal(two[k]) for k in two if k.startswith("unet."))
+    assert all(front[k].equal(two[k]) for k in two if k.startswith("text_encoder."))
+    recorded = json.loads((smoke / f"{modality}-decoder" / mini_build.DONE).read_text())["metrics"]
+    for key in ("autoencoder", "text_encoder", "generations"):
+        assert _untimed(recorded[key]) == _untimed(metrics[key]), key
+
+
+def _untimed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "seconds"}
+
+
+def test_the_stages_read_the_fronts_and_the_package_holds_the_finished_decoders(smoke):
+    model = yaml.safe_load((smoke / "stage1" / "model.yaml").read_text())
+    for modality, decoder in model["decoders"].items():
+        assert Path(decoder["pretrained"]).parent.name == mini_build.front_part_name(modality)
+    packaged = _weights(smoke / "package" / "nextgpt-mini" / "decoders" / "image")
+    finished = _weights(smoke / "image-decoder" / "pipeline")
+    assert packaged.keys() == finished.keys()
+    assert all(packaged[k].equal(finished[k].half()) for k in finished if k.startswith("unet."))
+
+
+def test_the_package_refuses_a_decoder_whose_text_encoder_is_not_the_stages_one(smoke, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    front = smoke / mini_build.front_part_name("image") / "pipeline"
+    finished = smoke / "image-decoder" / "pipeline"
+    mini_build.same_text_encoder(front, finished)  # the build's own pair passes
+    changed = tmp_path / "pipeline"
+    shutil.copytree(finished, changed)
+    (path,) = (changed / "text_encoder").glob("*.safetensors")
+    tensors = load_file(str(path))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"1 tensors differ, first {re.escape(name)}"):
+        mini_build.same_text_encoder(front, changed)
+
+
 def test_only_builds_one_part(tmp_path):
     out = tmp_path / "build"
     assert main(["mini", "build", "--out", str(out), "--scale", "smoke", "--only", "data"]) == 0
@@ -113,7 +184,8 @@ def test_only_builds_one_part(tmp_path):
     [
         (["--only", "nope"], "unknown part 'nope' for --only"),
         (["--scale", "huge"], "unknown --scale 'huge'"),
-        (["--only", "image-decoder"], "needs judges built first"),
+        (["--only", "image-decoder-front"], "needs judges built first"),
+        (["--only", "image-decoder"], "needs image-decoder-front built first"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):

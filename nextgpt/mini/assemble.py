@@ -137,9 +137,17 @@ def _copy_tree(src: Path, dst: Path, half: bool) -> None:
             shutil.copy2(path, target)
 
 
-def package_model(run: Path, judges: Path, out: Path, half: bool = True) -> dict[str, float]:
+def package_model(
+    run: Path,
+    judges: Path,
+    out: Path,
+    half: bool = True,
+    decoders: dict[str, Path] | None = None,
+) -> dict[str, float]:
     """Copy a trained mini model (a training run or model directory) with every frozen part and
-    the judges into one relocatable folder; returns the size of each part in MB."""
+    the judges into one relocatable folder; returns the size of each part in MB. `decoders`
+    names pipelines to package in place of those the run's config points at (the build trains
+    the stages on the decoders' text encoders before their UNets are done)."""
     from nextgpt.model import CONFIG_FILE, LATEST_FILE, TRAINABLE_FILE
 
     run = Path(run)
@@ -154,12 +162,18 @@ def package_model(run: Path, judges: Path, out: Path, half: bool = True) -> dict
     copy = half_safetensors if half else lambda s, d: shutil.copy2(s, d)
     copy(_resolve(config.encoder.pretrained, run), out / "encoder.safetensors")
     _copy_tree(_resolve(config.llm.pretrained, run), out / "llm", half)
-    decoders = {}
+    unknown = set(decoders or ()) - set(config.decoders)
+    if unknown:
+        raise ValueError(f"{run}: no {', '.join(sorted(unknown))} decoder in its config to replace")
+    packaged_decoders = {}
     for modality, d in config.decoders.items():
-        if d.pretrained is None:
-            raise ValueError(f"{run}: the {modality} decoder has no pretrained pipeline")
-        _copy_tree(_resolve(d.pretrained, run), out / "decoders" / modality, half)
-        decoders[modality] = replace(d, pretrained=f"decoders/{modality}")
+        source = (decoders or {}).get(modality)
+        if source is None:
+            if d.pretrained is None:
+                raise ValueError(f"{run}: the {modality} decoder has no pretrained pipeline")
+            source = _resolve(d.pretrained, run)
+        _copy_tree(Path(source), out / "decoders" / modality, half)
+        packaged_decoders[modality] = replace(d, pretrained=f"decoders/{modality}")
     copy(run / TRAINABLE_FILE, out / TRAINABLE_FILE)
     for path in sorted(judges.glob("*_judge.*")):  # the judges only, not the build's records
         target = out / "judges" / path.name
@@ -172,7 +186,7 @@ def package_model(run: Path, judges: Path, out: Path, half: bool = True) -> dict
         config,
         encoder=replace(config.encoder, pretrained="encoder.safetensors"),
         llm=replace(config.llm, pretrained="llm"),
-        decoders=decoders,
+        decoders=packaged_decoders,
     )
     packaged.to_yaml(out / CONFIG_FILE)
     sizes = {

@@ -199,23 +199,62 @@ def build_judges(ctx: Context) -> None:
         }
 
 
-def decoder_part(modality: str) -> Callable[[Context], None]:
-    """The run of the `<modality>-decoder` part: `pretrain_<modality>_decoder` from
-    `nextgpt/mini/pretrain_<modality>.py`, judged by that modality's judge, saved in diffusers'
-    layout under `pipeline/`."""
+def decoder_front_part(modality: str) -> Callable[[Context], None]:
+    """The run of the `<modality>-decoder-front` part: the decoder's phases before its UNet
+    (`pretrain_<modality>_front`: autoencoder, vocoder for audio, text encoder), saved in
+    diffusers' layout under `pipeline/` with its UNet still untrained, and the torch RNG state
+    the UNet phase continues from. Stages 2 and 3 need only the text encoder, so they start
+    from this part and train while the UNets do."""
 
     def run(ctx: Context) -> None:
-        from nextgpt.mini.judges import Judges
+        from safetensors.torch import save_file
 
         module = importlib.import_module(f"nextgpt.mini.pretrain_{modality}")
-        pretrain = getattr(module, f"pretrain_{modality}_decoder")
-        judge = Judges.load(ctx.part("judges"), (modality,)).judges[modality]
+        front = getattr(module, f"pretrain_{modality}_front")
         settings = getattr(ctx.scale, f"{modality}_decoder")
-        pipe, metrics = pretrain(ctx.world, judge, settings, ctx.progress)
+        pipe, metrics, rng_state = front(ctx.world, _judge(ctx, modality), settings, ctx.progress)
         pipe.save_pretrained(str(ctx.folder / "pipeline"))
+        save_file({"rng_state": rng_state}, str(ctx.folder / RNG_FILE))
         ctx.metrics.update(metrics)
 
     return run
+
+
+def decoder_part(modality: str) -> Callable[[Context], None]:
+    """The run of the `<modality>-decoder` part: `pretrain_<modality>_unet` on the front part's
+    pipeline, from its RNG state (the same weights as all phases in one process), judged by that
+    modality's judge, saved in diffusers' layout under `pipeline/`. Its record carries the front
+    part's metrics too, so one `done.json` describes the whole decoder."""
+
+    def run(ctx: Context) -> None:
+        from safetensors.torch import load_file
+
+        from nextgpt.decoders import DECODERS
+
+        module = importlib.import_module(f"nextgpt.mini.pretrain_{modality}")
+        unet = getattr(module, f"pretrain_{modality}_unet")
+        settings = getattr(ctx.scale, f"{modality}_decoder")
+        front = ctx.part(front_part_name(modality))
+        pipe = DECODERS[modality].pipeline_class.from_pretrained(str(front / "pipeline"))
+        pipe.set_progress_bar_config(disable=True)
+        rng_state = load_file(str(front / RNG_FILE))["rng_state"]
+        metrics = unet(pipe, ctx.world, _judge(ctx, modality), settings, rng_state, ctx.progress)
+        pipe.save_pretrained(str(ctx.folder / "pipeline"))
+        front_record = read_done(front)
+        ctx.metrics.update(front_record["metrics"] if front_record else {})
+        ctx.metrics.update(metrics)
+
+    return run
+
+
+def _judge(ctx: Context, modality: str) -> Any:
+    from nextgpt.mini.judges import Judges
+
+    return Judges.load(ctx.part("judges"), (modality,)).judges[modality]
+
+
+def front_part_name(modality: str) -> str:
+    return f"{modality}-decoder-front"
 
 
 def build_encoder(ctx: Context) -> None:
@@ -254,8 +293,9 @@ def write_model_yaml(ctx: Context, projector: str) -> Path:
     )
     arches = {"image": s.image_decoder.arch, "audio": s.audio_decoder.arch}
     arches["video"] = s.video_decoder.arch
+    # the fronts: the stages read only the text encoders, and the package swaps in the decoders
     decoders = {
-        m: (str((ctx.part(f"{m}-decoder") / "pipeline").resolve()), arch)
+        m: (str((ctx.part(front_part_name(m)) / "pipeline").resolve()), arch)
         for m, arch in arches.items()
     }
     llm = str((ctx.part("llm") / LLM_DIR).resolve())
@@ -307,9 +347,35 @@ def build_stage3(ctx: Context) -> None:
 def build_package(ctx: Context) -> None:
     from nextgpt.mini.assemble import MINI_NAME, package_model
 
-    sizes = package_model(ctx.part("stage3") / "run", ctx.part("judges"), ctx.folder / MINI_NAME)
+    decoders = {m: ctx.part(f"{m}-decoder") / "pipeline" for m in MODALITIES}
+    for m, pipeline in decoders.items():  # what the stages aligned to is what the decoder reads
+        same_text_encoder(ctx.part(front_part_name(m)) / "pipeline", pipeline)
+    sizes = package_model(
+        ctx.part("stage3") / "run", ctx.part("judges"), ctx.folder / MINI_NAME, decoders=decoders
+    )
     ctx.metrics["megabytes"] = sizes
     ctx.metrics["total_megabytes"] = round(sum(sizes.values()), 2)
+
+
+def same_text_encoder(front: Path, final: Path) -> None:
+    """Raise unless two pipeline folders hold the same text encoder weights, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    def weights(pipeline: Path) -> dict[str, Any]:
+        files = sorted((pipeline / "text_encoder").glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no text encoder weights in {pipeline / 'text_encoder'}")
+        return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+    a, b = weights(front), weights(final)
+    differ = sorted(
+        k for k in a.keys() | b.keys() if k not in a or k not in b or not a[k].equal(b[k])
+    )
+    if differ:
+        raise ValueError(
+            f"the text encoder of {final} is not the one the stages aligned to ({front}): "
+            f"{len(differ)} tensors differ, first {differ[0]}"
+        )
 
 
 def build_eval(ctx: Context) -> None:
@@ -381,7 +447,13 @@ def _stage_settings(number: int, projector: str = "") -> Callable[[Scale], Any]:
     return settings
 
 
+def _decoder_settings(modality: str) -> Callable[[Scale], Any]:
+    """A decoder's training settings, hashed by both of its parts."""
+    return lambda s: getattr(s, f"{modality}_decoder")
+
+
 ENCODER_FILE = "encoder.safetensors"
+RNG_FILE = "rng_state.safetensors"
 LLM_DIR = "model"
 # The shipped model's input projector, and the one the ablation trains beside it. The paper's
 # grouping projector with hard assignment did not learn in stage 1 here (the loss flat, captions at
@@ -391,23 +463,35 @@ MINI_PROJECTOR = "linear"
 ABLATION_PROJECTOR = "grouping"
 ABLATION_PART = f"stage1-{ABLATION_PROJECTOR}"
 STAGE1_NEEDS = ("data", "encoder", "llm")
-DECODERS = ("image-decoder", "video-decoder", "audio-decoder")
+MODALITIES = ("image", "video", "audio")
+FRONTS = tuple(front_part_name(m) for m in MODALITIES)
+DECODERS = tuple(f"{m}-decoder" for m in MODALITIES)
 
+# Listed in the order `build_parallel` prefers among parts that are ready: first what leads to
+# the chain of stages (the decoders' fronts, the encoder, the LLM, stage 1, then stages 2 and 3),
+# then the UNets, longest first, beside that chain, and the ablation last, to fill a gap. The
+# stages read only the decoders' text encoders, from the fronts; the package takes the finished
+# decoders.
 PARTS: tuple[Part, ...] = (
     Part("data", build_data, lambda s: s.data),
     Part("judges", build_judges, lambda s: s.judges),
-    Part("image-decoder", decoder_part("image"), lambda s: s.image_decoder, needs=("judges",)),
-    Part("video-decoder", decoder_part("video"), lambda s: s.video_decoder, needs=("judges",)),
-    Part("audio-decoder", decoder_part("audio"), lambda s: s.audio_decoder, needs=("judges",)),
     Part("encoder", build_encoder, lambda s: s.encoder),
+    *(
+        Part(front_part_name(m), decoder_front_part(m), _decoder_settings(m), needs=("judges",))
+        for m in MODALITIES
+    ),
     Part("llm", build_llm, lambda s: s.llm, needs=("data",)),
     Part("stage1", build_stage1, _stage_settings(1, MINI_PROJECTOR), STAGE1_NEEDS),
+    Part("stage2", build_stage2, _stage_settings(2), needs=("stage1", *FRONTS)),
+    Part("stage3", build_stage3, _stage_settings(3), needs=("stage2",)),
+    *(
+        Part(f"{m}-decoder", decoder_part(m), _decoder_settings(m), needs=(front_part_name(m),))
+        for m in ("audio", "video", "image")
+    ),
     Part(
         ABLATION_PART, build_stage1_ablation, _stage_settings(1, ABLATION_PROJECTOR), STAGE1_NEEDS
     ),
-    Part("stage2", build_stage2, _stage_settings(2), needs=("stage1", *DECODERS)),
-    Part("stage3", build_stage3, _stage_settings(3), needs=("stage2",)),
-    Part("package", build_package, lambda s: {}, needs=("stage3", "judges")),
+    Part("package", build_package, lambda s: {}, needs=("stage3", "judges", *DECODERS)),
     Part("eval", build_eval, lambda s: s.eval, needs=("package", "stage1", ABLATION_PART)),
 )
 PART_NAMES = tuple(p.name for p in PARTS)

@@ -123,3 +123,22 @@ def train_denoiser(
             tqdm.write(f"{name} {row}")
     unet.eval().requires_grad_(False)
     return history
+
+
+def unet_phase(train: Callable[[], list[dict]], rng_state: torch.Tensor) -> dict[str, Any]:
+    """Run a decoder's UNet phase (`train` returns `train_denoiser`'s history) from the torch RNG
+    state that the decoder's earlier phases left, and return the metrics every decoder records
+    for it.
+
+    Taking the state in is what lets the build run the phases before the UNet as a part of their
+    own: stages 2 and 3 need only a decoder's text encoder, so they can train while the UNets do,
+    and the UNet still trains to the same weights as when every phase runs in one process.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng_state)
+        start = time.perf_counter()
+        history = train()
+    return {
+        "unet": {"seconds": round(time.perf_counter() - start, 1), "history": history},
+        "generations": {k: history[-1][k] for k in ("train", "heldout")},
+    }

@@ -36,7 +36,7 @@ from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 from nextgpt.config import DecoderConfig, TinyDecoderArch
 from nextgpt.decoders.audio import LOG_FLOOR, AudioDecoder, mel_hop, mel_magnitude
 from nextgpt.decoders.tiny import build_tiny_pipeline
-from nextgpt.mini.denoiser import train_denoiser
+from nextgpt.mini.denoiser import train_denoiser, unet_phase
 from nextgpt.mini.judges import Judge
 from nextgpt.mini.world import TEMPLATES, World, caption_words
 
@@ -435,10 +435,11 @@ def train_unet(
     )
 
 
-def pretrain_audio_decoder(
+def pretrain_audio_front(
     world: World, judge: Judge, t: AudioDecoderTraining, progress: bool = False
-) -> tuple[AudioLDMPipeline, dict]:
-    """All four phases; returns the trained pipeline and the metrics to record."""
+) -> tuple[AudioLDMPipeline, dict, torch.Tensor]:
+    """The phases before the UNet (autoencoder, vocoder, text encoder); returns the pipeline,
+    their metrics and the torch RNG state that `pretrain_audio_unet` continues from."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
         pipe = build_pipeline(t)
@@ -474,10 +475,27 @@ def pretrain_audio_decoder(
         metrics["text_encoder"] = {"heldout_probes": train_text_encoder(pipe, world, t, progress)}
         metrics["text_encoder"]["seconds"] = round(time.perf_counter() - start, 1)
 
-        start = time.perf_counter()
-        history = train_unet(
-            pipe, mel, world, t, lambda: judge_generations(pipe, world, judge, t), progress
-        )
-        metrics["unet"] = {"seconds": round(time.perf_counter() - start, 1), "history": history}
-        metrics["generations"] = {k: history[-1][k] for k in ("train", "heldout")}
+        return pipe, metrics, torch.get_rng_state()
+
+
+def pretrain_audio_unet(
+    pipe: AudioLDMPipeline,
+    world: World,
+    judge: Judge,
+    t: AudioDecoderTraining,
+    rng_state: torch.Tensor,
+    progress: bool = False,
+) -> dict:
+    """The UNet phase on `pretrain_audio_front`'s pipeline; returns its metrics."""
+    mel = _mel_view(pipe, t.arch)
+    evaluate = lambda: judge_generations(pipe, world, judge, t)  # noqa: E731
+    return unet_phase(lambda: train_unet(pipe, mel, world, t, evaluate, progress), rng_state)
+
+
+def pretrain_audio_decoder(
+    world: World, judge: Judge, t: AudioDecoderTraining, progress: bool = False
+) -> tuple[AudioLDMPipeline, dict]:
+    """All four phases in one process; returns the trained pipeline and the metrics to record."""
+    pipe, metrics, rng_state = pretrain_audio_front(world, judge, t, progress)
+    metrics.update(pretrain_audio_unet(pipe, world, judge, t, rng_state, progress))
     return pipe, metrics

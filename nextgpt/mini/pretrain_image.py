@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from nextgpt.config import TinyDecoderArch
 from nextgpt.decoders.tiny import build_tiny_pipeline
-from nextgpt.mini.denoiser import train_denoiser
+from nextgpt.mini.denoiser import train_denoiser, unet_phase
 from nextgpt.mini.judges import Judge
 from nextgpt.mini.world import TEMPLATES, World, caption_words
 
@@ -247,10 +247,11 @@ def train_unet(
     )
 
 
-def pretrain_image_decoder(
+def pretrain_image_front(
     world: World, judge: Judge, t: ImageDecoderTraining, progress: bool = False
-) -> tuple[StableDiffusionPipeline, dict]:
-    """All three phases; returns the trained pipeline and the metrics to record."""
+) -> tuple[StableDiffusionPipeline, dict, torch.Tensor]:
+    """The phases before the UNet (autoencoder, text encoder); returns the pipeline, their
+    metrics and the torch RNG state that `pretrain_image_unet` continues from."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
         pipe = build_tiny_pipeline("image", t.arch, t.seed)
@@ -265,10 +266,26 @@ def pretrain_image_decoder(
         start = time.perf_counter()
         metrics["text_encoder"] = {"heldout_probes": train_text_encoder(pipe, world, t, progress)}
         metrics["text_encoder"]["seconds"] = round(time.perf_counter() - start, 1)
-        start = time.perf_counter()
-        history = train_unet(
-            pipe, world, t, lambda: judge_generations(pipe, world, judge, t), progress
-        )
-        metrics["unet"] = {"seconds": round(time.perf_counter() - start, 1), "history": history}
-        metrics["generations"] = {k: history[-1][k] for k in ("train", "heldout")}
+        return pipe, metrics, torch.get_rng_state()
+
+
+def pretrain_image_unet(
+    pipe: StableDiffusionPipeline,
+    world: World,
+    judge: Judge,
+    t: ImageDecoderTraining,
+    rng_state: torch.Tensor,
+    progress: bool = False,
+) -> dict:
+    """The UNet phase on `pretrain_image_front`'s pipeline; returns its metrics."""
+    evaluate = lambda: judge_generations(pipe, world, judge, t)  # noqa: E731
+    return unet_phase(lambda: train_unet(pipe, world, t, evaluate, progress), rng_state)
+
+
+def pretrain_image_decoder(
+    world: World, judge: Judge, t: ImageDecoderTraining, progress: bool = False
+) -> tuple[StableDiffusionPipeline, dict]:
+    """All three phases in one process; returns the trained pipeline and the metrics to record."""
+    pipe, metrics, rng_state = pretrain_image_front(world, judge, t, progress)
+    metrics.update(pretrain_image_unet(pipe, world, judge, t, rng_state, progress))
     return pipe, metrics

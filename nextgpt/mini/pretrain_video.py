@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from nextgpt.config import TinyDecoderArch
 from nextgpt.decoders.tiny import build_tiny_pipeline
-from nextgpt.mini.denoiser import train_denoiser
+from nextgpt.mini.denoiser import train_denoiser, unet_phase
 from nextgpt.mini.judges import Judge
 from nextgpt.mini.pretrain_image import _tokens, train_probed_text_encoder
 from nextgpt.mini.world import World, caption_words
@@ -260,11 +260,11 @@ def train_unet(
     )
 
 
-def pretrain_video_decoder(
+def pretrain_video_front(
     world: World, judge: Judge, t: VideoDecoderTraining, progress: bool = False
-) -> tuple[TextToVideoSDPipeline, dict]:
-    """All three phases; returns the trained pipeline and the metrics to record (the same keys as
-    the image decoder's: autoencoder, text_encoder, unet, generations)."""
+) -> tuple[TextToVideoSDPipeline, dict, torch.Tensor]:
+    """The phases before the UNet (autoencoder, text encoder); returns the pipeline, their
+    metrics and the torch RNG state that `pretrain_video_unet` continues from."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
         pipe = build_tiny_pipeline(MODALITY, t.arch, t.seed)
@@ -285,10 +285,27 @@ def pretrain_video_decoder(
             "heldout_probes": probes,
             "seconds": round(time.perf_counter() - start, 1),
         }
-        start = time.perf_counter()
-        history = train_unet(
-            pipe, world, t, lambda: judge_generations(pipe, world, judge, t), progress
-        )
-        metrics["unet"] = {"seconds": round(time.perf_counter() - start, 1), "history": history}
-        metrics["generations"] = {k: history[-1][k] for k in ("train", "heldout")}
+        return pipe, metrics, torch.get_rng_state()
+
+
+def pretrain_video_unet(
+    pipe: TextToVideoSDPipeline,
+    world: World,
+    judge: Judge,
+    t: VideoDecoderTraining,
+    rng_state: torch.Tensor,
+    progress: bool = False,
+) -> dict:
+    """The UNet3D phase on `pretrain_video_front`'s pipeline; returns its metrics."""
+    evaluate = lambda: judge_generations(pipe, world, judge, t)  # noqa: E731
+    return unet_phase(lambda: train_unet(pipe, world, t, evaluate, progress), rng_state)
+
+
+def pretrain_video_decoder(
+    world: World, judge: Judge, t: VideoDecoderTraining, progress: bool = False
+) -> tuple[TextToVideoSDPipeline, dict]:
+    """All three phases in one process; returns the trained pipeline and the metrics to record
+    (the same keys as the image decoder's: autoencoder, text_encoder, unet, generations)."""
+    pipe, metrics, rng_state = pretrain_video_front(world, judge, t, progress)
+    metrics.update(pretrain_video_unet(pipe, world, judge, t, rng_state, progress))
     return pipe, metrics
