@@ -373,3 +373,25 @@ def test_a_part_counts_as_alone_only_when_nothing_else_can_start():
     done["stage1-grouping"] = {}
     assert mini_build._lone_part(running, [parts["stage3"]], done) == "stage2"
     assert mini_build._lone_part({**running, "eval": None}, [], done) is None
+
+
+def test_the_unet_phase_continues_from_the_rng_state_it_is_given():
+    """The UNet part must draw what the UNet phase drew when it followed the front in one
+    process: from the front's RNG state, not a fresh seed, and without moving the caller's."""
+    from nextgpt.mini.denoiser import unet_phase
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    caller = torch.get_rng_state()
+    drawn = []
+
+    def train():
+        drawn.append(torch.rand(3))
+        return [{"train": {"a": 1.0}, "heldout": {"a": 0.5}}]
+
+    metrics = unet_phase(train, state)
+    assert torch.equal(drawn[0], expected)
+    assert torch.equal(torch.get_rng_state(), caller)
+    assert metrics["generations"] == {"train": {"a": 1.0}, "heldout": {"a": 0.5}}
