@@ -241,7 +241,9 @@ def decoder_part(modality: str) -> Callable[[Context], None]:
         metrics = unet(pipe, ctx.world, _judge(ctx, modality), settings, rng_state, ctx.progress)
         pipe.save_pretrained(str(ctx.folder / "pipeline"))
         front_record = read_done(front)
-        ctx.metrics.update(front_record["metrics"] if front_record else {})
+        if front_record is None:  # the builder starts this part only after its front
+            raise FileNotFoundError(f"{front / DONE}: the {modality} decoder's front is not done")
+        ctx.metrics.update(front_record["metrics"])
         ctx.metrics.update(metrics)
 
     return run
@@ -347,7 +349,7 @@ def build_stage3(ctx: Context) -> None:
 def build_package(ctx: Context) -> None:
     from nextgpt.mini.assemble import MINI_NAME, package_model
 
-    decoders = {m: ctx.part(f"{m}-decoder") / "pipeline" for m in MODALITIES}
+    decoders = {m: ctx.part(f"{m}-decoder") / "pipeline" for m in FRONT_ORDER}
     for m, pipeline in decoders.items():  # what the stages aligned to is what the decoder reads
         same_text_encoder(ctx.part(front_part_name(m)) / "pipeline", pipeline)
     sizes = package_model(
@@ -463,9 +465,11 @@ MINI_PROJECTOR = "linear"
 ABLATION_PROJECTOR = "grouping"
 ABLATION_PART = f"stage1-{ABLATION_PROJECTOR}"
 STAGE1_NEEDS = ("data", "encoder", "llm")
-MODALITIES = ("image", "video", "audio")
-FRONTS = tuple(front_part_name(m) for m in MODALITIES)
-DECODERS = tuple(f"{m}-decoder" for m in MODALITIES)
+# The order the decoders' fronts start in (session 21's timed build): the short image and video
+# fronts, then the audio one with its vocoder. The UNets below start longest first.
+FRONT_ORDER = ("image", "video", "audio")
+FRONTS = tuple(front_part_name(m) for m in FRONT_ORDER)
+DECODER_PARTS = tuple(f"{m}-decoder" for m in FRONT_ORDER)
 
 # Listed in the order `build_parallel` prefers among parts that are ready: first what leads to
 # the chain of stages (the decoders' fronts, the encoder, the LLM, stage 1, then stages 2 and 3),
@@ -478,7 +482,7 @@ PARTS: tuple[Part, ...] = (
     Part("encoder", build_encoder, lambda s: s.encoder),
     *(
         Part(front_part_name(m), decoder_front_part(m), _decoder_settings(m), needs=("judges",))
-        for m in MODALITIES
+        for m in FRONT_ORDER
     ),
     Part("llm", build_llm, lambda s: s.llm, needs=("data",)),
     Part("stage1", build_stage1, _stage_settings(1, MINI_PROJECTOR), STAGE1_NEEDS),
@@ -491,7 +495,7 @@ PARTS: tuple[Part, ...] = (
     Part(
         ABLATION_PART, build_stage1_ablation, _stage_settings(1, ABLATION_PROJECTOR), STAGE1_NEEDS
     ),
-    Part("package", build_package, lambda s: {}, needs=("stage3", "judges", *DECODERS)),
+    Part("package", build_package, lambda s: {}, needs=("stage3", "judges", *DECODER_PARTS)),
     Part("eval", build_eval, lambda s: s.eval, needs=("package", "stage1", ABLATION_PART)),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
